@@ -1,0 +1,120 @@
+"""Modules: thin shells that hold the state of one quantizer and call :mod:`lightning_ste.functional`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_ste import functional as F_ste
+
+__all__ = ["ALPHA_MODES", "QuantReLU", "WeightQuantizer"]
+
+ALPHA_MODES = ("learned", "fixed", "calibrate")
+
+
+class QuantReLU(nn.Module):
+    """b-bit staircase ReLU with resolution ``alpha`` and a straight-through backward (SPEC §1; YLZ19, BCGD19).
+
+    ``alpha_mode``: ``"learned"`` (``alpha`` is a parameter trained with the BCGD19 proxy gradient),
+    ``"fixed"`` (a frozen buffer), or ``"calibrate"`` (``max|x| / L`` over the first
+    ``calibration_batches`` training batches, then frozen). ``alpha=None`` starts from
+    :func:`~lightning_ste.functional.half_gaussian_resolution`.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        alpha: float | None = None,
+        alpha_mode: str = "learned",
+        ste: str = "clipped_relu",
+        alpha_grad: str = "mean",
+        alpha_lr_scale: float = 0.01,
+        rounding: str = "ceil",
+        calibration_batches: int = 1,
+    ) -> None:
+        super().__init__()
+        F_ste.check_quantized_relu_args(bits, ste, alpha_grad, alpha_lr_scale, rounding)
+        if alpha_mode not in ALPHA_MODES:
+            raise ValueError(f"unknown `alpha_mode` {alpha_mode!r}; allowed: {', '.join(ALPHA_MODES)}")
+        if alpha is None:
+            alpha = F_ste.half_gaussian_resolution(bits)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < float(alpha) < float("inf"):
+            raise ValueError(f"`alpha` must be a finite number > 0, got {alpha!r}")
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise ValueError(f"`calibration_batches` must be an int >= 1, got {calibration_batches!r}")
+        self.bits, self.ste, self.alpha_grad = bits, ste, alpha_grad
+        self.alpha_lr_scale, self.rounding, self.alpha_mode = float(alpha_lr_scale), rounding, alpha_mode
+        self.calibration_batches = calibration_batches
+        self.calibrated_batches = 0
+        value = torch.tensor(float(alpha), dtype=torch.float32)
+        if alpha_mode == "learned":
+            self.alpha = nn.Parameter(value)
+        else:
+            self.register_buffer("alpha", value)
+
+    @property
+    def levels(self) -> int:
+        """L = 2**bits - 1, the number of levels above zero."""
+        return 2**self.bits - 1
+
+    @property
+    def calibrating(self) -> bool:
+        return self.alpha_mode == "calibrate" and self.calibrated_batches < self.calibration_batches
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.calibrating:
+            self._calibrate(x)
+        return F_ste.quantized_relu_unchecked(
+            x, self.alpha, self.bits, self.ste, self.alpha_grad, self.alpha_lr_scale, self.rounding
+        )
+
+    @torch.no_grad()
+    def _calibrate(self, x: Tensor) -> None:
+        # Running max over the calibration batches, stored as alpha = max|x| / L (BCGD19 code).
+        estimate = x.detach().abs().amax().float() / self.levels
+        if self.calibrated_batches:
+            estimate = torch.maximum(estimate, self.alpha)
+        self.alpha.copy_(estimate.clamp_min(F_ste.ALPHA_FLOOR))
+        self.calibrated_batches += 1
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"calibrated_batches": self.calibrated_batches}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.calibrated_batches = int(state.get("calibrated_batches", 0))
+
+    def extra_repr(self) -> str:
+        return (
+            f"bits={self.bits}, alpha={float(self.alpha.detach()):.4g}, alpha_mode={self.alpha_mode}, "
+            f"ste={self.ste}, alpha_grad={self.alpha_grad}, rounding={self.rounding}"
+        )
+
+
+class WeightQuantizer(nn.Module):
+    """Parametrization ``W -> q(W)`` of SPEC §2 with a straight-through gradient to ``W`` (BCGD19)."""
+
+    def __init__(
+        self, bits: int = 1, per_channel: bool = False, ternary_scale: str = "twn", binary_scale: str = "mean"
+    ) -> None:
+        super().__init__()
+        F_ste.check_bits(bits)
+        F_ste.check_choice("ternary_scale", ternary_scale, F_ste.TERNARY_SCALES)
+        F_ste.check_choice("binary_scale", binary_scale, F_ste.BINARY_SCALES)
+        if not isinstance(per_channel, bool):
+            raise ValueError(f"`per_channel` must be a bool, got {per_channel!r}")
+        self.bits, self.per_channel = bits, per_channel
+        self.ternary_scale, self.binary_scale = ternary_scale, binary_scale
+
+    def forward(self, w: Tensor) -> Tensor:
+        return F_ste.quantize_weight(w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale)
+
+    @torch.no_grad()
+    def quantize(self, w: Tensor) -> Tensor:
+        """q(W) without autograd, for the BCGD blend."""
+        codes, scale = F_ste.weight_codes(w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale)
+        return codes * scale
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per_channel={self.per_channel}, ternary_scale={self.ternary_scale}"
