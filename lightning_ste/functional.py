@@ -6,7 +6,7 @@ Pure functions: no module state, no Lightning. The only package import is the ST
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 from torch import Tensor
@@ -51,9 +51,11 @@ def check_bits(bits: object, name: str = "bits") -> int:
 def _alpha_grad_weights(alpha_grad: str, bits: int) -> tuple[float, float]:
     """BCGD19 proxy d sigma / d alpha on the regions (0 < x <= L alpha, x > L alpha) (SPEC §1.2)."""
     levels = 2**bits - 1
-    return {"mean": (float(2 ** (bits - 1)), float(levels)), "min": (1.0, float(levels)), "pact": (0.0, float(levels))}[
-        alpha_grad
-    ]
+    return {
+        "mean": (float(2 ** (bits - 1)), float(levels)),
+        "min": (1.0, float(levels)),
+        "pact": (0.0, float(levels)),
+    }[alpha_grad]
 
 
 def _region_mask(code: Tensor, regions: tuple[float, float, float], dtype: torch.dtype) -> Tensor | None:
@@ -140,14 +142,18 @@ class _QuantizedReLU(torch.autograd.Function):
         return grad_x, grad_alpha, None, None, None, None, None
 
 
-def check_quantized_relu_args(bits: object, ste: object, alpha_grad: object, alpha_lr_scale: object, rounding: object):
+def check_quantized_relu_args(
+    bits: object, ste: object, alpha_grad: object, alpha_lr_scale: object, rounding: object
+):
     """Validate the settings of :func:`quantized_relu`; ``ValueError`` naming the argument otherwise."""
     check_bits(bits)
     _ste.get(ste)  # type: ignore[arg-type]
     check_choice("alpha_grad", alpha_grad, ALPHA_GRADS)
     check_choice("rounding", rounding, ROUNDINGS)
-    if isinstance(alpha_lr_scale, bool) or not isinstance(alpha_lr_scale, (int, float)) or not (
-        math.isfinite(alpha_lr_scale) and alpha_lr_scale >= 0
+    if (
+        isinstance(alpha_lr_scale, bool)
+        or not isinstance(alpha_lr_scale, (int, float))
+        or not (math.isfinite(alpha_lr_scale) and alpha_lr_scale >= 0)
     ):
         raise ValueError(f"`alpha_lr_scale` must be a finite number >= 0, got {alpha_lr_scale!r}")
 
@@ -298,7 +304,7 @@ def _interval_sq_error(lo: float, hi: float, c: float) -> float:
     """Integral of (x - c)^2 phi(x) over (lo, hi], in closed form."""
     m0 = _cdf(hi) - _cdf(lo)
     m1 = _phi(lo) - _phi(hi)
-    x2 = (lambda t: _cdf(t) - t * _phi(t) if math.isfinite(t) else _cdf(t))
+    x2 = lambda t: _cdf(t) - t * _phi(t) if math.isfinite(t) else _cdf(t)
     m2 = x2(hi) - x2(lo)
     return m2 - 2 * c * m1 + c * c * m0
 
@@ -325,7 +331,7 @@ def _half_gaussian_mse(alpha: float, bits: int, rounding: str) -> float:
 _PUBLISHED_RESOLUTION = {(1, "nearest"): 1.2221, (2, "nearest"): 0.6511, (4, "nearest"): 0.1946}
 
 
-@lru_cache(maxsize=None)
+@cache
 def half_gaussian_resolution(bits: int, rounding: str = "nearest") -> float:
     """MSE-optimal step alpha of the b-bit quantized ReLU for unit half-Gaussian input (SPEC §1.3; YLZ19).
 

@@ -40,9 +40,17 @@ class QuantReLU(nn.Module):
             raise ValueError(f"unknown `alpha_mode` {alpha_mode!r}; allowed: {', '.join(ALPHA_MODES)}")
         if alpha is None:
             alpha = F_ste.half_gaussian_resolution(bits)
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < float(alpha) < float("inf"):
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not 0 < float(alpha) < float("inf")
+        ):
             raise ValueError(f"`alpha` must be a finite number > 0, got {alpha!r}")
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+        if (
+            isinstance(calibration_batches, bool)
+            or not isinstance(calibration_batches, int)
+            or calibration_batches < 1
+        ):
             raise ValueError(f"`calibration_batches` must be an int >= 1, got {calibration_batches!r}")
         self.bits, self.ste, self.alpha_grad = bits, ste, alpha_grad
         self.alpha_lr_scale, self.rounding, self.alpha_mode = float(alpha_lr_scale), rounding, alpha_mode
@@ -113,7 +121,9 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def quantize(self, w: Tensor) -> Tensor:
         """q(W) without autograd, for the BCGD blend."""
-        codes, scale = F_ste.weight_codes(w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale)
+        codes, scale = F_ste.weight_codes(
+            w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale
+        )
         return codes * scale
 
     def extra_repr(self) -> str:

@@ -66,9 +66,9 @@ def _regions_match(fn: ProxyDerivative, regions: tuple[float, float, float]) -> 
         x = torch.linspace(-4.0 * top - 1, 4.0 * top + 1, 401, dtype=torch.float64)
         x = torch.cat([x, torch.tensor([0.0, top], dtype=torch.float64)])
         t = torch.tensor(top, dtype=torch.float64)
-        expected = torch.where(
-            x <= 0, regions[0], torch.where(x <= t, regions[1], regions[2])
-        ).to(torch.float64)
+        expected = torch.where(x <= 0, regions[0], torch.where(x <= t, regions[1], regions[2])).to(
+            torch.float64
+        )
         if not torch.equal(torch.broadcast_to(fn(x, t), x.shape).to(torch.float64), expected):
             return False
     return True

@@ -16,7 +16,11 @@ _REPO = Path(__file__).resolve().parents[1]
 
 def find_mnist_root() -> Path:
     """The folder holding ``MNIST/raw`` (torchvision layout): $LIGHTNING_STE_MNIST, ../shared/data, /work/shared/data."""
-    candidates = [os.environ.get("LIGHTNING_STE_MNIST"), _REPO.parent / "shared" / "data", "/work/shared/data"]
+    candidates = [
+        os.environ.get("LIGHTNING_STE_MNIST"),
+        _REPO.parent / "shared" / "data",
+        "/work/shared/data",
+    ]
     for c in candidates:
         if c and (Path(c) / "MNIST" / "raw" / "train-images-idx3-ubyte").exists():
             return Path(c)
