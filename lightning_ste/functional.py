@@ -300,12 +300,16 @@ def _cdf(x: float) -> float:
     return 0.5 * (1 + math.erf(x / math.sqrt(2))) if math.isfinite(x) else (1.0 if x > 0 else 0.0)
 
 
+def _second_moment(t: float) -> float:
+    """Antiderivative of x^2 phi(x): Phi(t) - t phi(t)."""
+    return _cdf(t) - t * _phi(t) if math.isfinite(t) else _cdf(t)
+
+
 def _interval_sq_error(lo: float, hi: float, c: float) -> float:
     """Integral of (x - c)^2 phi(x) over (lo, hi], in closed form."""
     m0 = _cdf(hi) - _cdf(lo)
     m1 = _phi(lo) - _phi(hi)
-    x2 = lambda t: _cdf(t) - t * _phi(t) if math.isfinite(t) else _cdf(t)
-    m2 = x2(hi) - x2(lo)
+    m2 = _second_moment(hi) - _second_moment(lo)
     return m2 - 2 * c * m1 + c * c * m0
 
 
