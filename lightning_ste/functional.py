@@ -11,6 +11,7 @@ from functools import cache
 import torch
 from torch import Tensor
 
+from lightning_ste import _kernels
 from lightning_ste import ste as _ste
 
 __all__ = [
@@ -85,6 +86,21 @@ class _QuantizedReLU(torch.autograd.Function):
         rounding: str,
     ) -> Tensor:
         levels = 2**bits - 1
+        entry = _ste.get(ste_name)
+        ctx.bits, ctx.alpha_grad, ctx.alpha_lr_scale = bits, alpha_grad, alpha_lr_scale
+        ctx.regions, ctx.derivative = entry.regions, entry.derivative
+        grad_alpha = ctx.needs_input_grad[1]
+        ctx.packed = entry.regions is not None and _kernels.usable(x)
+        if ctx.packed:
+            # Fused CPU kernel: the same values in one pass, and a 2-bit region code instead of a byte.
+            a = alpha.detach().to(x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
+            y, code = _kernels.relu_forward(x, a.clamp_min(ALPHA_FLOOR), levels, rounding == "nearest")
+            ctx.strides = y.stride()
+            need_code = grad_alpha or entry.regions != (1.0, 1.0, 1.0)
+            ctx.save_for_backward(
+                None, alpha, code if need_code else None, y if grad_alpha and alpha_grad == "ae" else None
+            )
+            return y
         # Half-precision inputs are quantized in float32 so the region tests and levels are exact, then
         # the levels are rounded once to the input dtype.
         compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -99,10 +115,6 @@ class _QuantizedReLU(torch.autograd.Function):
         # +-inf must not land on a level (NaN already propagates through clamp).
         y = torch.where(torch.isinf(compute), compute, y).to(x.dtype)
 
-        entry = _ste.get(ste_name)
-        ctx.bits, ctx.alpha_grad, ctx.alpha_lr_scale = bits, alpha_grad, alpha_lr_scale
-        ctx.regions, ctx.derivative = entry.regions, entry.derivative
-        grad_alpha = ctx.needs_input_grad[1]
         need_code = grad_alpha or entry.regions not in (None, (1.0, 1.0, 1.0))
         code = (compute > 0).to(torch.uint8).add_(compute > top) if need_code else None
         # Only an input-dependent proxy (log-tailed, user-registered) keeps x; the others a byte code.
@@ -120,6 +132,8 @@ class _QuantizedReLU(torch.autograd.Function):
         a = alpha.detach().float().clamp_min(ALPHA_FLOOR)
         levels = 2**ctx.bits - 1
         grad_x = grad_alpha = None
+        if ctx.packed:
+            return _QuantizedReLU._packed_backward(ctx, grad_y, alpha, a, code, y)
         if ctx.needs_input_grad[0]:
             if ctx.regions is None:
                 compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -138,6 +152,26 @@ class _QuantizedReLU(torch.autograd.Function):
                 total = torch.where(code == _ABOVE, g, 0.0).sum() * above_w
                 if inside_w:
                     total = total + torch.where(code == _INSIDE, g, 0.0).sum() * inside_w
+            grad_alpha = (total * ctx.alpha_lr_scale).clamp(-1.0, 1.0).to(alpha.dtype)
+        return grad_x, grad_alpha, None, None, None, None, None
+
+    @staticmethod
+    def _packed_backward(ctx, grad_y: Tensor, alpha: Tensor, a: Tensor, code: Tensor | None, y: Tensor | None):
+        # One fused pass gives grad_y * m[region] and the sums of grad_y over the inside/above regions.
+        mult = ctx.regions if ctx.needs_input_grad[0] and ctx.regions != (1.0, 1.0, 1.0) else None
+        want_sums = ctx.needs_input_grad[1] and ctx.alpha_grad != "ae"
+        grad_x = grad_y if ctx.needs_input_grad[0] else None
+        sums = None
+        if mult is not None or want_sums:
+            gx, sums = _kernels.relu_backward(grad_y, code, ctx.strides, mult, want_sums)
+            grad_x = gx if mult is not None else grad_x
+        grad_alpha = None
+        if ctx.needs_input_grad[1]:
+            if ctx.alpha_grad == "ae":
+                total = (grad_y.float() * y.float()).sum() / a
+            else:
+                inside_w, above_w = _alpha_grad_weights(ctx.alpha_grad, ctx.bits)
+                total = (sums[1] * above_w + sums[0] * inside_w).float()
             grad_alpha = (total * ctx.alpha_lr_scale).clamp(-1.0, 1.0).to(alpha.dtype)
         return grad_x, grad_alpha, None, None, None, None, None
 
@@ -227,6 +261,8 @@ def weight_codes(
     for bits 1 and 2); ``scale`` is a scalar, or one value per output channel (shape ``[C, 1, ...]``).
     """
     dims = _reduce_dims(w, per_channel)
+    if bits == 1 and binary_scale == "mean" and dims is None and _kernels.weights_usable(w):
+        return torch.sign(w), _kernels.abs_mean(w)  # one read instead of |W| then its mean
     mag = w.abs()
     sign = torch.sign(w)  # sign(0) = 0, as in the BCGD19 code
     if bits == 1:
@@ -272,8 +308,12 @@ def quantize_weight(
     check_choice("ternary_scale", ternary_scale, TERNARY_SCALES)
     check_choice("binary_scale", binary_scale, BINARY_SCALES)
     with torch.no_grad():
-        codes, scale = weight_codes(w.detach(), bits, per_channel, ternary_scale, binary_scale)
-        q = codes * scale
+        wd = w.detach()
+        if bits == 1 and binary_scale == "mean" and not per_channel and _kernels.weights_usable(wd):
+            q = _kernels.sign_scale(wd, _kernels.abs_mean(wd))  # two passes over W instead of four
+        else:
+            codes, scale = weight_codes(wd, bits, per_channel, ternary_scale, binary_scale)
+            q = codes * scale
     return _StraightThrough.apply(w, q)
 
 

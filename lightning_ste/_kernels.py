@@ -1,0 +1,412 @@
+"""Fused CPU kernels of the quantized ReLU: one pass forward, one pass backward, a 2-bit region code.
+
+The eager formula of :mod:`lightning_ste.functional` takes about ten elementwise passes and keeps a one-byte
+region code per element. The kernels here compute the same values in one pass each way and keep two bit
+planes instead (``x > 0`` and ``x > L*alpha``, eight elements a byte), 1/16 of the bytes of a float32
+input. They are C++ (AVX-512 / AVX2 where the CPU has it, plain C++ otherwise), built with
+``torch.utils.cpp_extension.load_inline`` the first time a CPU tensor needs them and cached on disk by
+PyTorch; when the build fails (no compiler) :func:`available` is False and the eager path runs instead.
+
+Set ``LIGHTNING_STE_KERNELS=0`` to never build or use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import warnings
+
+import torch
+from torch import Tensor
+
+__all__ = ["abs_mean", "available", "code_planes", "relu_backward", "relu_forward", "sign_scale"]
+
+_SOURCE = r"""
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <c10/util/Half.h>
+#include <c10/util/BFloat16.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+// Region code: plane 0 holds bit (x > 0), plane 1 bit (x > top) of element i at byte i / 8, bit i % 8.
+// Work is split into blocks of 64 elements so no two threads ever write the same code byte.
+static constexpr int64_t BLOCK = 64;
+
+template <typename T, typename C>
+static inline void fwd_one(const T* x, T* y, uint8_t* pos, uint8_t* above, int64_t i, C a, C top, C levels,
+                           bool nearest) {
+  C v = static_cast<C>(x[i]);
+  C k = nearest ? std::nearbyint(v / a) : std::ceil(v / a);
+  k = k < C(0) ? C(0) : k;  // NaN stays NaN: both comparisons are false
+  k = k > levels ? levels : k;
+  C out = std::isinf(v) ? v : k * a;
+  y[i] = static_cast<T>(out);
+  uint8_t bit = uint8_t(1u << (i & 7));
+  if (v > C(0)) pos[i >> 3] |= bit;
+  if (v > top) above[i >> 3] |= bit;
+}
+
+template <typename T, typename C>
+static void fwd_range(const T* x, T* y, uint8_t* pos, uint8_t* above, int64_t begin, int64_t end, C a, C top,
+                      C levels, bool nearest) {
+  int64_t i = begin;
+  if constexpr (std::is_same<T, float>::value) {
+#if defined(__AVX512F__)
+    const __m512 va = _mm512_set1_ps(a), vtop = _mm512_set1_ps(top), vl = _mm512_set1_ps(levels);
+    const __m512 zero = _mm512_setzero_ps(), inf = _mm512_set1_ps(INFINITY);
+    for (; i + 16 <= end; i += 16) {
+      __m512 v = _mm512_loadu_ps(x + i);
+      __m512 q = _mm512_div_ps(v, va);
+      __m512 k = nearest ? _mm512_roundscale_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                         : _mm512_roundscale_ps(q, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+      k = _mm512_mask_mov_ps(k, _mm512_cmp_ps_mask(k, zero, _CMP_LT_OQ), zero);
+      k = _mm512_mask_mov_ps(k, _mm512_cmp_ps_mask(k, vl, _CMP_GT_OQ), vl);
+      __m512 out = _mm512_mul_ps(k, va);
+      out = _mm512_mask_mov_ps(out, _mm512_cmp_ps_mask(_mm512_abs_ps(v), inf, _CMP_EQ_OQ), v);
+      _mm512_storeu_ps(y + i, out);
+      uint16_t p = _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), t = _mm512_cmp_ps_mask(v, vtop, _CMP_GT_OQ);
+      std::memcpy(pos + (i >> 3), &p, 2);
+      std::memcpy(above + (i >> 3), &t, 2);
+    }
+#elif defined(__AVX2__)
+    const __m256 va = _mm256_set1_ps(a), vtop = _mm256_set1_ps(top), vl = _mm256_set1_ps(levels);
+    const __m256 zero = _mm256_setzero_ps(), inf = _mm256_set1_ps(INFINITY);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    for (; i + 8 <= end; i += 8) {
+      __m256 v = _mm256_loadu_ps(x + i);
+      __m256 q = _mm256_div_ps(v, va);
+      __m256 k = nearest ? _mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+                         : _mm256_round_ps(q, _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC);
+      k = _mm256_blendv_ps(k, zero, _mm256_cmp_ps(k, zero, _CMP_LT_OQ));
+      k = _mm256_blendv_ps(k, vl, _mm256_cmp_ps(k, vl, _CMP_GT_OQ));
+      __m256 out = _mm256_mul_ps(k, va);
+      out = _mm256_blendv_ps(out, v, _mm256_cmp_ps(_mm256_and_ps(v, absmask), inf, _CMP_EQ_OQ));
+      _mm256_storeu_ps(y + i, out);
+      pos[i >> 3] = uint8_t(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GT_OQ)));
+      above[i >> 3] = uint8_t(_mm256_movemask_ps(_mm256_cmp_ps(v, vtop, _CMP_GT_OQ)));
+    }
+#endif
+  }
+  // Tail (and every other dtype): the code bytes still to be written start at zero.
+  if (i < end) {
+    std::memset(pos + (i >> 3), 0, ((end + 7) >> 3) - (i >> 3));
+    std::memset(above + (i >> 3), 0, ((end + 7) >> 3) - (i >> 3));
+  }
+  for (; i < end; ++i) fwd_one<T, C>(x, y, pos, above, i, a, top, levels, nearest);
+}
+
+template <typename T, typename C>
+static void forward_impl(const at::Tensor& x, at::Tensor& y, at::Tensor& code, double a_, double levels_,
+                         bool nearest) {
+  const T* xp = x.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
+  const int64_t n = x.numel(), nbytes = code.size(1);
+  uint8_t* pos = code.data_ptr<uint8_t>();
+  uint8_t* above = pos + nbytes;
+  const C a = static_cast<C>(a_), levels = static_cast<C>(levels_);
+  const C top = a * levels;
+  const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+  at::parallel_for(0, blocks, 2048, [&](int64_t b0, int64_t b1) {
+    fwd_range<T, C>(xp, yp, pos, above, b0 * BLOCK, std::min(b1 * BLOCK, n), a, top, levels, nearest);
+  });
+}
+
+// x: dense (any strides without overlap or gaps); y is allocated with the same strides.
+std::vector<at::Tensor> qrelu_forward(const at::Tensor& x, const at::Tensor& alpha, int64_t levels,
+                                      bool nearest) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_non_overlapping_and_dense(), "qrelu_forward: dense CPU tensor");
+  at::Tensor y = at::empty_like(x);
+  const int64_t nbytes = (x.numel() + 7) / 8;
+  at::Tensor code = at::empty({2, nbytes}, x.options().dtype(at::kByte));
+  if (x.numel() == 0) return {y, code};
+  const double a = alpha.item<double>();  // a CPU scalar: a plain memory read
+  switch (x.scalar_type()) {
+    case at::kFloat: forward_impl<float, float>(x, y, code, a, double(levels), nearest); break;
+    case at::kDouble: forward_impl<double, double>(x, y, code, a, double(levels), nearest); break;
+    case at::kHalf: forward_impl<c10::Half, float>(x, y, code, a, double(levels), nearest); break;
+    case at::kBFloat16: forward_impl<c10::BFloat16, float>(x, y, code, a, double(levels), nearest); break;
+    default: TORCH_CHECK(false, "qrelu_forward: unsupported dtype ", x.scalar_type());
+  }
+  return {y, code};
+}
+
+template <typename T, typename C>
+static void backward_range(const T* g, T* gx, const uint8_t* pos, const uint8_t* above, int64_t begin,
+                           int64_t end, C m0, C m1, C m2, bool want_gx, double* s_in, double* s_above) {
+  int64_t i = begin;
+  double acc_in = 0.0, acc_above = 0.0;
+  if constexpr (std::is_same<T, float>::value) {
+#if defined(__AVX512F__)
+    const __m512 v0 = _mm512_set1_ps(m0), v1 = _mm512_set1_ps(m1), v2 = _mm512_set1_ps(m2);
+    while (i + 16 <= end) {
+      __m512 a_in = _mm512_setzero_ps(), a_ab = _mm512_setzero_ps();
+      const int64_t stop = std::min(end, i + 1024);  // a float partial sum over at most 64 lanes-steps
+      for (; i + 16 <= stop; i += 16) {
+        __m512 gv = _mm512_loadu_ps(g + i);
+        uint16_t p, t;
+        std::memcpy(&p, pos + (i >> 3), 2);
+        std::memcpy(&t, above + (i >> 3), 2);
+        if (want_gx) {
+          __m512 m = _mm512_mask_mov_ps(_mm512_mask_mov_ps(v0, p, v1), t, v2);
+          _mm512_storeu_ps(gx + i, _mm512_mul_ps(gv, m));
+        }
+        a_in = _mm512_mask_add_ps(a_in, __mmask16(p & ~t), a_in, gv);
+        a_ab = _mm512_mask_add_ps(a_ab, __mmask16(t), a_ab, gv);
+      }
+      acc_in += _mm512_reduce_add_ps(a_in);
+      acc_above += _mm512_reduce_add_ps(a_ab);
+    }
+#endif
+  }
+  for (; i < end; ++i) {
+    const bool p = (pos[i >> 3] >> (i & 7)) & 1, t = (above[i >> 3] >> (i & 7)) & 1;
+    const C gv = static_cast<C>(g[i]);
+    if (want_gx) gx[i] = static_cast<T>(gv * (t ? m2 : (p ? m1 : m0)));
+    if (t) acc_above += double(gv);
+    else if (p) acc_in += double(gv);
+  }
+  *s_in += acc_in;
+  *s_above += acc_above;
+}
+
+template <typename T, typename C>
+static void backward_impl(const at::Tensor& g, at::Tensor& gx, const at::Tensor& code, double m0, double m1,
+                          double m2, bool want_gx, bool want_sums, double* sums) {
+  const T* gp = g.data_ptr<T>();
+  T* gxp = want_gx ? gx.data_ptr<T>() : nullptr;
+  const int64_t n = g.numel(), nbytes = code.size(1);
+  const uint8_t* pos = code.data_ptr<uint8_t>();
+  const uint8_t* above = pos + nbytes;
+  const int64_t blocks = (n + BLOCK - 1) / BLOCK;
+  const int threads = at::get_num_threads();
+  std::vector<double> part(2 * 8 * (threads + 1), 0.0);  // 8 doubles apart: no false sharing
+  at::parallel_for(0, blocks, 2048, [&](int64_t b0, int64_t b1) {
+    const int t = std::min(at::get_thread_num(), threads);
+    backward_range<T, C>(gp, gxp, pos, above, b0 * BLOCK, std::min(b1 * BLOCK, n), C(m0), C(m1), C(m2),
+                         want_gx, &part[16 * t], &part[16 * t + 8]);
+  });
+  if (want_sums) {
+    double s_in = 0.0, s_above = 0.0;
+    for (int t = 0; t <= threads; ++t) {
+      s_in += part[16 * t];
+      s_above += part[16 * t + 8];
+    }
+    sums[0] = s_in;
+    sums[1] = s_above;
+  }
+}
+
+// grad: same shape and strides as the forward input. Returns grad_x (grad * multiplier of the region:
+// m0 for x <= 0, m1 inside, m2 above top; undefined unless want_gx) and, as float64, the sums of grad over
+// the inside and the above region (for the alpha gradient).
+std::vector<at::Tensor> qrelu_backward(const at::Tensor& g, const at::Tensor& code, double m0, double m1,
+                                       double m2, bool want_gx, bool want_sums) {
+  TORCH_CHECK(g.device().is_cpu() && g.is_non_overlapping_and_dense(), "qrelu_backward: dense CPU tensor");
+  at::Tensor gx = want_gx ? at::empty_like(g) : at::Tensor();
+  at::Tensor sums = at::zeros({2}, g.options().dtype(at::kDouble));
+  if (g.numel() == 0) return {want_gx ? gx : sums.new_empty({0}), sums};
+  double* local_t = sums.data_ptr<double>();
+  switch (g.scalar_type()) {
+    case at::kFloat: backward_impl<float, float>(g, gx, code, m0, m1, m2, want_gx, want_sums, local_t); break;
+    case at::kDouble: backward_impl<double, double>(g, gx, code, m0, m1, m2, want_gx, want_sums, local_t); break;
+    case at::kHalf: backward_impl<c10::Half, float>(g, gx, code, m0, m1, m2, want_gx, want_sums, local_t); break;
+    case at::kBFloat16:
+      backward_impl<c10::BFloat16, float>(g, gx, code, m0, m1, m2, want_gx, want_sums, local_t);
+      break;
+    default: TORCH_CHECK(false, "qrelu_backward: unsupported dtype ", g.scalar_type());
+  }
+  return {want_gx ? gx : sums.new_empty({0}), sums};
+}
+
+// ---------------------------------------------------------------------------------- binary weights
+
+// mean |w| of a contiguous tensor, accumulated in double, returned in w's dtype (0-dim).
+at::Tensor abs_mean(const at::Tensor& w) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), "abs_mean: contiguous CPU tensor");
+  const int64_t n = w.numel();
+  const int threads = at::get_num_threads();
+  std::vector<double> part(8 * (threads + 1), 0.0);
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "abs_mean", [&] {
+    const scalar_t* p = w.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
+      double acc = 0.0;
+      for (int64_t i = b; i < e;) {  // float partial sums over short runs keep the loop vectorized
+        const int64_t stop = std::min(e, i + 4096);
+        scalar_t run = 0;
+        for (; i < stop; ++i) run += std::abs(p[i]);
+        acc += double(run);
+      }
+      part[8 * std::min(at::get_thread_num(), threads)] += acc;
+    });
+  });
+  double total = 0.0;
+  for (int t = 0; t <= threads; ++t) total += part[8 * t];
+  return at::scalar_tensor(n ? total / double(n) : std::nan(""), w.options());
+}
+
+// sign(w) * scale in one pass, with torch.sign's sign(0) = sign(NaN) = 0.
+at::Tensor sign_scale(const at::Tensor& w, const at::Tensor& scale) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), "sign_scale: contiguous CPU tensor");
+  at::Tensor q = at::empty_like(w);
+  const int64_t n = w.numel();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "sign_scale", [&] {
+    const scalar_t* p = w.data_ptr<scalar_t>();
+    scalar_t* out = q.data_ptr<scalar_t>();
+    const scalar_t s = scale.item<scalar_t>();
+    at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const scalar_t v = p[i];
+        const scalar_t sg = scalar_t((scalar_t(0) < v) - (v < scalar_t(0)));  // torch.sign(NaN) is 0 too
+        out[i] = sg * s;
+      }
+    });
+  });
+  return q;
+}
+
+TORCH_LIBRARY(lightning_ste_kernels, m) {
+  m.def("abs_mean(Tensor w) -> Tensor", &abs_mean);
+  m.def("sign_scale(Tensor w, Tensor scale) -> Tensor", &sign_scale);
+  m.def("qrelu_forward(Tensor x, Tensor alpha, int levels, bool nearest) -> Tensor[]", &qrelu_forward);
+  m.def("qrelu_backward(Tensor g, Tensor code, float m0, float m1, float m2, bool want_gx, bool want_sums) -> Tensor[]",
+        &qrelu_backward);
+}
+"""
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _flags() -> list[str]:
+    # The kernels are built on the machine that runs them, so they may use its full instruction set.
+    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+
+
+def _build() -> bool:
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    digest = hashlib.sha1((_SOURCE + capability + " ".join(_flags()) + torch.__version__).encode()).hexdigest()
+    name = f"lightning_ste_kernels_{digest[:12]}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cpp_extension.load_inline(
+            name=name,
+            cpp_sources=_SOURCE,
+            extra_cflags=_flags(),
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    return hasattr(torch.ops.lightning_ste_kernels, "qrelu_forward")
+
+
+def available() -> bool:
+    """Whether the fused CPU kernels are built (building them on the first call); False if that fails."""
+    ok = _state.get("ok")
+    if ok is not None:
+        return bool(ok)
+    with _lock:
+        if "ok" not in _state:
+            if os.environ.get("LIGHTNING_STE_KERNELS", "1") == "0":
+                _state["ok"] = False
+            else:
+                try:
+                    _state["ok"] = _build()
+                except Exception as err:  # no compiler, no headers, ...: the eager path still works
+                    _state["ok"] = False
+                    warnings.warn(
+                        f"lightning_ste: fused CPU kernels unavailable ({type(err).__name__}); using the eager path",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
+    return bool(_state["ok"])
+
+
+def usable(x: Tensor) -> bool:
+    """Whether :func:`relu_forward` handles ``x`` (a CPU float tensor, outside torch.compile tracing)."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype in _DTYPES
+        and not torch.compiler.is_compiling()
+        and available()
+    )
+
+
+def relu_forward(x: Tensor, a: Tensor, levels: int, nearest: bool) -> tuple[Tensor, Tensor]:
+    """``(y, code)``: the quantized ReLU of ``x`` with clamped step ``a`` (0-dim, x's compute dtype), and
+    the ``[2, ceil(n/8)]`` uint8 bit planes of ``x > 0`` and ``x > levels * a`` in ``x``'s memory order."""
+    if not _dense(x):
+        x = x.contiguous()
+    y, code = torch.ops.lightning_ste_kernels.qrelu_forward(x, a, levels, nearest)
+    return y, code
+
+
+def relu_backward(
+    grad: Tensor,
+    code: Tensor,
+    strides: tuple[int, ...],
+    multipliers: tuple[float, float, float] | None,
+    want_sums: bool,
+) -> tuple[Tensor | None, Tensor]:
+    """``(grad * m[region], [sum of grad inside, sum of grad above])``; ``multipliers=None`` skips the first.
+
+    ``strides`` are those of the forward output, the memory order of ``code``.
+    """
+    if grad.stride() != strides:
+        grad = torch.empty_strided(grad.shape, strides, dtype=grad.dtype).copy_(grad)
+    m = multipliers or (0.0, 0.0, 0.0)
+    gx, sums = torch.ops.lightning_ste_kernels.qrelu_backward(
+        grad, code, m[0], m[1], m[2], multipliers is not None, want_sums
+    )
+    return (gx if multipliers is not None else None), sums
+
+
+def weights_usable(w: Tensor) -> bool:
+    """Whether :func:`abs_mean` / :func:`sign_scale` handle ``w`` (contiguous CPU float32/float64)."""
+    return (
+        w.device.type == "cpu"
+        and w.dtype in (torch.float32, torch.float64)
+        and w.numel() > 0
+        and w.is_contiguous()
+        and not torch.compiler.is_compiling()
+        and available()
+    )
+
+
+def abs_mean(w: Tensor) -> Tensor:
+    """``mean(|w|)`` in one read of ``w`` (0-dim, ``w``'s dtype), accumulated in float64."""
+    return torch.ops.lightning_ste_kernels.abs_mean(w)
+
+
+def sign_scale(w: Tensor, scale: Tensor) -> Tensor:
+    """``sign(w) * scale`` in one pass; ``scale`` a 0-dim tensor of ``w``'s dtype."""
+    return torch.ops.lightning_ste_kernels.sign_scale(w, scale)
+
+
+def code_planes(x: Tensor, top: Tensor) -> Tensor:
+    """Reference packing of the region code with torch operations (for tests): ``[2, ceil(n/8)]`` uint8."""
+    flat = x.permute(*_memory_order(x)).reshape(-1) if x.dim() else x.reshape(-1)
+    bits = torch.stack([flat > 0, flat > top])
+    pad = (-flat.numel()) % 8
+    bits = torch.nn.functional.pad(bits.to(torch.uint8), (0, pad)).view(2, -1, 8)
+    weights = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+    return (bits * weights).sum(-1, dtype=torch.uint8)
+
+
+def _dense(x: Tensor) -> bool:
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _memory_order(x: Tensor) -> list[int]:
+    """Dimensions of a dense tensor from the slowest to the fastest in memory."""
+    return sorted(range(x.dim()), key=lambda d: (-x.stride(d), -x.shape[d]))

@@ -1,0 +1,151 @@
+"""QuantizeActivations: every ReLU of a LightningModule becomes a b-bit staircase ReLU (SPEC §1; YLZ19, BCGD19)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+
+from lightning_ste.convert import apply_plan, check_activation_arguments, find_recipe, format_plan, plan_activations
+from lightning_ste.modules import QuantReLU
+
+__all__ = ["QuantizeActivations"]
+
+
+class QuantizeActivations(Callback):
+    """Turn the ReLUs of the LightningModule into b-bit QuantReLUs trained with a straight-through estimator.
+
+    Args:
+        bits: bits of the activations, 1..8 (``L = 2**bits - 1`` levels above zero).
+        ste: the straight-through estimator's name (``lightning_ste.ste.available()``).
+        alpha: ``"learned"`` (init ``half_gaussian_resolution(bits)``, trained with the BCGD19 proxy),
+            ``"fixed"`` (that value, frozen), ``"calibrate"`` (``max|x| / L`` over the first
+            ``calibration_batches`` training batches, then frozen) or a number > 0 (frozen).
+        alpha_grad: the proxy of d sigma / d alpha: ``"ae"``, ``"mean"``, ``"min"`` or ``"pact"`` (BCGD19).
+        alpha_lr_scale: r in ``d loss / d alpha = clamp(r * sum(...), -1, 1)``.
+        rounding: ``"ceil"`` (the papers' code) or ``"nearest"``.
+        include, exclude: glob patterns over the site names printed in the plan.
+        calibration_batches: training batches used by ``alpha="calibrate"``.
+        dry_run: print the plan at setup and change nothing.
+
+    The model is converted in ``setup`` (before ``configure_optimizers``, strategy wrapping and checkpoint
+    restore), once: a second fit/validate/test on the same objects finds the recipe and does not convert
+    again. Learned alphas that the user's optimizer does not hold are added to its first optimizer as one
+    param group with weight decay 0. The recipe goes into every checkpoint, so ``trainer.fit(...,
+    ckpt_path=...)`` with fresh objects and :func:`lightning_ste.load_from_checkpoint` rebuild the model.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        ste: str = "clipped_relu",
+        alpha: str | float = "learned",
+        alpha_grad: str = "mean",
+        alpha_lr_scale: float = 0.01,
+        rounding: str = "ceil",
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        calibration_batches: int = 1,
+        dry_run: bool = False,
+    ) -> None:
+        self._arguments = check_activation_arguments(
+            bits, ste, alpha, alpha_grad, alpha_lr_scale, rounding, include, exclude, calibration_batches
+        )
+        if not isinstance(dry_run, bool):
+            raise ValueError(f"`dry_run` must be a bool, got {dry_run!r}")
+        self.dry_run = dry_run
+        self.sites: list[str] = []
+        self._announced_param_group = False
+        self._calibrating: list[tuple[QuantReLU, int]] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(**self._arguments)
+
+    def _quantizers(self, pl_module: nn.Module) -> list[QuantReLU]:
+        return [pl_module.get_submodule(name) for name in self.sites]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        recipe = find_recipe(pl_module, self._arguments)
+        if recipe is not None:  # converted by an earlier fit/validate/test (or by hand, same arguments)
+            self.sites = list(recipe["sites"])
+            return
+        # The plan is computed in full before the model is touched: a bad pattern leaves it unchanged.
+        plan = plan_activations(pl_module, **self._arguments)
+        if (message := plan.warning()) is not None:
+            rank_zero_warn(message)
+        rank_zero_info(format_plan(plan, dry_run=self.dry_run))
+        if not self.dry_run:
+            self.sites = apply_plan(pl_module, plan)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Optimizers exist now (strategy.setup); their state is restored from a checkpoint only after this
+        # hook, so a param group added here is there again, in the same place, when a run resumes.
+        alphas = [q.alpha for q in self._quantizers(pl_module) if isinstance(q.alpha, nn.Parameter)]
+        held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+        missing = [a for a in alphas if a.requires_grad and id(a) not in held]
+        if not missing:
+            return
+        if not trainer.optimizers:
+            rank_zero_warn(f"QuantizeActivations: no optimizer, so {len(missing)} learned alpha(s) will not train.")
+            return
+        optimizer = trainer.optimizers[0]
+        optimizer.add_param_group({"params": missing, "weight_decay": 0.0})
+        group = optimizer.param_groups[-1]
+        if "initial_lr" in optimizer.param_groups[0]:
+            group["initial_lr"] = group["lr"]
+        for config in trainer.lr_scheduler_configs:
+            _extend_scheduler(config.scheduler, optimizer)
+        if not self._announced_param_group:
+            self._announced_param_group = True
+            rank_zero_warn(
+                f"QuantizeActivations: {len(missing)} learned alpha(s) were in no optimizer param group; added"
+                f" them to optimizer 0 as a new param group (lr={group['lr']}, weight_decay=0)."
+            )
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+        self._calibrating = [(q, q.calibrated_batches) for q in self._quantizers(pl_module) if q.calibrating]
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        changed = [q for q, count in self._calibrating if q.calibrated_batches != count]
+        self._calibrating = []
+        if changed and trainer.world_size > 1:
+            # Each rank saw a slice of the global batch: alpha = max|x| / L over all of it.
+            gathered = trainer.strategy.all_gather(torch.stack([q.alpha.detach() for q in changed]))
+            for q, value in zip(changed, gathered.reshape(-1, len(changed)).amax(0)):
+                q.alpha.copy_(value)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint["lightning_ste"] = {"recipes": copy.deepcopy(getattr(pl_module, "_lightning_ste_recipes", []))}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"arguments": copy.deepcopy(self._arguments), "sites": list(self.sites)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        sites = list(state_dict.get("sites", []))
+        if self.sites and sites and sites != self.sites:
+            rank_zero_warn(
+                f"QuantizeActivations: the checkpoint was made with sites {sites}, this run converted {self.sites}."
+            )
+
+
+def _extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Give a scheduler of ``optimizer`` an entry for the param group just added (it only knew the others)."""
+    if getattr(scheduler, "optimizer", None) is not optimizer:
+        return
+    n = len(optimizer.param_groups)
+    base_lrs = getattr(scheduler, "base_lrs", None)
+    if isinstance(base_lrs, list) and len(base_lrs) == n - 1:
+        base_lrs.append(optimizer.param_groups[-1].get("initial_lr", optimizer.param_groups[-1]["lr"]))
+    lambdas = getattr(scheduler, "lr_lambdas", None)
+    if isinstance(lambdas, list) and len(lambdas) == n - 1 and lambdas:
+        lambdas.append(lambdas[-1])

@@ -1,0 +1,651 @@
+"""Module surgery: find the ReLU call sites of any ``nn.Module`` and turn each into a QuantReLU (SPEC §1).
+
+A *call site* is one place in some ``forward`` where a ReLU runs: an ``nn.ReLU`` module (in-place or not),
+one call of an ``nn.ReLU`` instance that is called at several places (torchvision's ``BasicBlock`` calls
+``self.relu`` twice), or a functional ``F.relu`` / ``torch.relu`` / ``Tensor.relu`` / ``relu_`` call. Each
+site gets its own :class:`~lightning_ste.modules.QuantReLU`, so its own alpha (YLZ19, BCGD19).
+
+How sites are found: every module is traced on its own with :mod:`torch.fx`, all of its submodules kept
+as leaves, so a functional ReLU is rewritten in the smallest module whose ``forward`` holds it. A module
+whose ``forward`` is rewritten keeps its class, attributes and hooks: only its ``forward`` is replaced, on
+the instance, by the code generated from the edited graph. A module that cannot be traced (data-dependent
+control flow, a ``forward`` that depends on ``self.training``, ...) is left in float with one warning that
+names it and says why; its ``nn.ReLU`` children are still converted, one quantizer per module.
+
+The work is split in two: :func:`plan_activations` traces, names and selects without touching the model
+(errors are raised there), :func:`apply_plan` then commits the plan with plain attribute assignments.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.graph_module import _format_import_block, _forward_from_src
+from torch.nn.utils import parametrize
+from torch.package import sys_importer
+
+from lightning_ste import functional as F_ste
+from lightning_ste.modules import QuantReLU
+from lightning_ste.selection import check_patterns, select_names
+
+__all__ = [
+    "ALPHA_CHOICES",
+    "ActivationPlan",
+    "Site",
+    "apply_plan",
+    "apply_recipe",
+    "check_activation_arguments",
+    "format_plan",
+    "plan_activations",
+    "quantize_activations_",
+]
+
+ALPHA_CHOICES = ("learned", "fixed", "calibrate")
+RECIPE_KIND = "activations"
+RECIPE_VERSION = 1
+
+# Functional ReLUs as torch.fx records them (F.relu_ is torch.relu_).
+_RELU_FUNCTIONS = {torch.nn.functional.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_"}
+_RELU_METHODS = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
+
+
+# ----------------------------------------------------------------------------------------------- arguments
+
+
+def check_activation_arguments(
+    bits: int = 4,
+    ste: str = "clipped_relu",
+    alpha: str | float = "learned",
+    alpha_grad: str = "mean",
+    alpha_lr_scale: float = 0.01,
+    rounding: str = "ceil",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    calibration_batches: int = 1,
+) -> dict[str, Any]:
+    """Validate the conversion arguments; return them as a plain JSON-able dict (the recipe's ``arguments``)."""
+    F_ste.check_quantized_relu_args(bits, ste, alpha_grad, alpha_lr_scale, rounding)
+    if isinstance(alpha, str):
+        if alpha not in ALPHA_CHOICES:
+            raise ValueError(f"unknown `alpha` {alpha!r}; allowed: 'learned', 'fixed', 'calibrate' or a number > 0")
+    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(
+            f"`alpha` must be one of 'learned', 'fixed', 'calibrate' or a finite number > 0, got {alpha!r}"
+        )
+    if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+        raise ValueError(f"`calibration_batches` must be an int >= 1, got {calibration_batches!r}")
+    inc, exc = check_patterns(include, "include"), check_patterns(exclude, "exclude")
+    return {
+        "bits": bits,
+        "ste": ste,
+        "alpha": alpha if isinstance(alpha, str) else float(alpha),
+        "alpha_grad": alpha_grad,
+        "alpha_lr_scale": float(alpha_lr_scale),
+        "rounding": rounding,
+        "include": None if inc is None else list(inc),
+        "exclude": None if exc is None else list(exc),
+        "calibration_batches": calibration_batches,
+    }
+
+
+def _make_quantizer(arguments: dict[str, Any]) -> QuantReLU:
+    """The QuantReLU of one site for the given (validated) arguments."""
+    alpha = arguments["alpha"]
+    mode = alpha if isinstance(alpha, str) else "fixed"
+    return QuantReLU(
+        bits=arguments["bits"],
+        alpha=None if isinstance(alpha, str) else alpha,
+        alpha_mode=mode,
+        ste=arguments["ste"],
+        alpha_grad=arguments["alpha_grad"],
+        alpha_lr_scale=arguments["alpha_lr_scale"],
+        rounding=arguments["rounding"],
+        calibration_batches=arguments["calibration_batches"],
+    )
+
+
+def _describe_alpha(arguments: dict[str, Any]) -> str:
+    alpha = arguments["alpha"]
+    init = F_ste.half_gaussian_resolution(arguments["bits"])
+    if alpha == "learned":
+        return f"learned (init {init:.4g})"
+    if alpha == "fixed":
+        return f"fixed {init:.4g}"
+    if alpha == "calibrate":
+        n = arguments["calibration_batches"]
+        return f"calibrate ({n} batch{'es' if n > 1 else ''})"
+    return f"fixed {alpha:.4g}"
+
+
+# ------------------------------------------------------------------------------------------------ the plan
+
+
+@dataclass(frozen=True)
+class Site:
+    """One ReLU call site and the name its QuantReLU gets."""
+
+    name: str  # qualified name of the QuantReLU once converted
+    kind: str  # "module" | "call" (one call of a shared nn.ReLU) | "function"
+    source: str  # what runs there now, e.g. "nn.ReLU(inplace=True)", "F.relu"
+    owner: str | None  # module whose forward holds the call ("" = root); None when not traced
+    origin: str  # the nn.ReLU module the site comes from ("" for functional sites)
+    call: tuple[int, int] | None = None  # (k, n): k-th of the n calls of a shared module
+
+
+@dataclass
+class _Edit:
+    """One change to a traced graph: the node of a site, what to call instead, in-place semantics."""
+
+    site: Site
+    node_name: str
+    target: str  # call_module target relative to the owner
+    inplace: bool
+    changes: bool  # whether the owner's forward must be rewritten for this site
+
+
+@dataclass
+class _Owner:
+    module: nn.Module
+    graph: fx.Graph
+    edits: list[_Edit] = field(default_factory=list)
+
+
+@dataclass
+class ActivationPlan:
+    """What :func:`apply_plan` will do: sites converted, sites left out, modules that could not be traced."""
+
+    arguments: dict[str, Any]
+    sites: list[Site]
+    left_out: list[Site]
+    not_traced: list[tuple[str, str, str]]  # (module name, class name, reason)
+    _locations: dict[str, tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
+    _owners: dict[str, _Owner] = field(default_factory=dict, repr=False)
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def warning(self) -> str | None:
+        """The one warning about modules left in float because they could not be traced, or None."""
+        if not self.not_traced:
+            return None
+        lines = [f"  {name or '<root>'} ({cls}): {reason}" for name, cls, reason in self.not_traced]
+        return (
+            "lightning_ste: these modules could not be traced with torch.fx, so the functional ReLUs in their"
+            " forward stay float (their nn.ReLU children are converted, one quantizer per module):\n"
+            + "\n".join(lines)
+        )
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix and name else prefix or name
+
+
+def _is_relu_module(m: nn.Module) -> bool:
+    return isinstance(m, nn.ReLU)
+
+
+class _OwnForwardTracer(fx.Tracer):
+    """Traces one module's own forward: every submodule (QuantReLU, nn.ReLU, parametrized, ...) is a leaf."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return m is not self.root
+
+
+def _wants_trace(m: nn.Module) -> bool:
+    """Whether ``m``'s own forward may hold ReLU calls worth tracing (torch built-ins are leaves)."""
+    if isinstance(m, nn.Sequential):
+        return True
+    if isinstance(m, (QuantReLU, nn.ModuleList, nn.ModuleDict)) or parametrize.is_parametrized(m):
+        return False
+    module = type(m).__module__ or ""
+    if module.startswith("torch.") or module == "torch":
+        return False
+    return type(m).forward is not nn.Module.forward
+
+
+def _mentions_relu(m: nn.Module) -> bool:
+    """Whether a module left untraced could hold ReLUs: nn.ReLU children or 'relu' in its forward's source."""
+    if any(_is_relu_module(c) for c in m.children()):
+        return True
+    try:
+        return "relu" in inspect.getsource(type(m).forward)
+    except (OSError, TypeError):
+        return True  # unknown source: say so rather than stay silent
+
+
+def _graph_key(graph: fx.Graph) -> str:
+    return graph.python_code(root_module="self").src
+
+
+def _trace_own_forward(m: nn.Module) -> tuple[fx.Graph | None, str]:
+    """fx graph of ``m``'s own forward, or (None, reason) when it cannot be traced faithfully."""
+    existing = m.__dict__.get("forward")
+    if isinstance(existing, _TracedForward):
+        if existing.graph is None:
+            return None, "its forward was rewritten before and restored from a pickle (no graph kept)"
+        return copy.deepcopy(existing.graph), ""
+    if existing is not None and not _is_lightning_compiled_forward(m):
+        return None, "its forward is replaced on the instance"
+    modes = [(sub, sub.training) for sub in m.modules()]
+    before = set(m.__dict__)
+    graphs = []
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for training in (True, False):
+                m.train(training)
+                graphs.append(_OwnForwardTracer().trace(m))
+    except Exception as err:  # noqa: BLE001 - any tracing failure leaves the module in float
+        text = str(err).strip().splitlines()
+        return None, f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+    finally:
+        for sub, training in modes:
+            sub.training = training
+        added = set(m.__dict__) - before
+        for key in added:  # fx stores tensors made while tracing on the traced module: take them back
+            object.__delattr__(m, key)
+    if added:
+        return None, "its forward creates tensors while tracing (they would be frozen as constants)"
+    if _graph_key(graphs[0]) != _graph_key(graphs[1]):
+        return None, "its forward depends on self.training (tracing would freeze one mode)"
+    return graphs[0], ""
+
+
+def _is_lightning_compiled_forward(m: nn.Module) -> bool:
+    """Lightning's ``from_compiled`` wraps the class forward of a compiled LightningModule on the instance."""
+    ctx = getattr(m, "_compiler_ctx", None)
+    original = ctx.get("original_forward") if isinstance(ctx, dict) else None
+    return getattr(original, "__self__", None) is m and getattr(original, "__func__", None) is type(m).forward
+
+
+def _function_site(node: fx.Node) -> tuple[str, bool] | None:
+    """(source, inplace) when ``node`` is a functional ReLU."""
+    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
+        inplace = node.target is torch.relu_ or bool(node.kwargs.get("inplace", node.args[1:2] == (True,)))
+        return _RELU_FUNCTIONS[node.target], inplace
+    if node.op == "call_method" and node.target in _RELU_METHODS:
+        return _RELU_METHODS[node.target], node.target == "relu_"
+    return None
+
+
+def _read_after(node: fx.Node) -> bool:
+    """Whether the input of an in-place ReLU ``node`` is read again later (so the in-place effect matters)."""
+    value = node.args[0] if node.args else node.kwargs.get("input")
+    if not isinstance(value, fx.Node):
+        return False
+    later, seen = set(), False
+    for n in node.graph.nodes:
+        if n is node:
+            seen = True
+        elif seen:
+            later.add(n)
+    return any(user in later for user in value.users)
+
+
+def _free_name(parent: nn.Module, base: str, taken: set[tuple[int, str]]) -> str:
+    name = base
+    while hasattr(parent, name) or (id(parent), name) in taken:
+        name += "_"
+    taken.add((id(parent), name))
+    return name
+
+
+def plan_activations(
+    module: nn.Module,
+    bits: int = 4,
+    ste: str = "clipped_relu",
+    alpha: str | float = "learned",
+    alpha_grad: str = "mean",
+    alpha_lr_scale: float = 0.01,
+    rounding: str = "ceil",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    calibration_batches: int = 1,
+) -> ActivationPlan:
+    """Find, name and select the ReLU call sites of ``module`` without changing it.
+
+    Raises ``ValueError`` when no ReLU is found, when an ``include`` pattern matches no site, or when no site
+    is left after ``include``/``exclude``. Patterns are globs over the site names (see :func:`format_plan`);
+    the call sites of a shared ``nn.ReLU`` also match that module's own name.
+    """
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"`module` must be an nn.Module, got {type(module).__name__}")
+    arguments = check_activation_arguments(
+        bits, ste, alpha, alpha_grad, alpha_lr_scale, rounding, include, exclude, calibration_batches
+    )
+    if _is_relu_module(module):
+        raise ValueError("`module` is itself an nn.ReLU: convert the module that holds it")
+
+    # Where each nn.ReLU sits: (parent, attribute) -> first qualified name (a module may sit in several).
+    locations: dict[tuple[int, str], str] = {}
+    holders: dict[str, tuple[nn.Module, str]] = {}
+    for parent_name, parent in module.named_modules(remove_duplicate=False):
+        for attr, child in parent._modules.items():
+            if child is not None and _is_relu_module(child) and (id(parent), attr) not in locations:
+                name = _join(parent_name, attr)
+                locations[(id(parent), attr)] = name
+                holders[name] = (parent, attr)
+
+    taken: set[tuple[int, str]] = set()
+    sites: list[Site] = []
+    owners: dict[str, _Owner] = {}
+    not_traced: list[tuple[str, str, str]] = []
+    calls: dict[str, list[tuple[str, fx.Node, bool]]] = {}  # location -> [(owner, node, inplace)]
+    functional: list[tuple[str, fx.Node, str, bool]] = []
+    for owner_name, owner in module.named_modules():
+        if not _wants_trace(owner):
+            continue
+        graph, reason = _trace_own_forward(owner)
+        if graph is None:
+            if _mentions_relu(owner):
+                not_traced.append((owner_name, type(owner).__qualname__, reason))
+            continue
+        owners[owner_name] = _Owner(owner, graph)
+        for node in graph.nodes:
+            if node.op == "call_module":
+                prefix, _, attr = node.target.rpartition(".")
+                parent = owner.get_submodule(prefix)
+                if _is_relu_module(parent._modules.get(attr)):
+                    location = locations[(id(parent), attr)]
+                    calls.setdefault(location, []).append((owner_name, node, bool(parent._modules[attr].inplace)))
+            elif (found := _function_site(node)) is not None:
+                functional.append((owner_name, node, *found))
+
+    edits: list[_Edit] = []
+    counters: dict[str, int] = {}
+    for location, holder in list(holders.items()):
+        relu = holder[0]._modules[holder[1]]
+        source = f"nn.ReLU({'inplace=True' if relu.inplace else ''})"
+        found = calls.get(location, [])
+        if len(found) <= 1:
+            owner_name = found[0][0] if found else None
+            site = Site(location, "module", source, owner_name, location)
+            sites.append(site)
+            if found:
+                owner_name, node, inplace = found[0]
+                changes = inplace and _read_after(node)
+                edits.append(_Edit(site, node.name, node.target, inplace, changes))
+            continue
+        parent, attr = holder
+        for k, (owner_name, node, inplace) in enumerate(found):
+            new_attr = attr if k == 0 else _free_name(parent, f"{attr}_{k}", taken)
+            name = _join(location.rpartition(".")[0], new_attr)
+            site = Site(name, "call", source, owner_name, location, (k + 1, len(found)))
+            target = _join(node.target.rpartition(".")[0], new_attr)
+            sites.append(site)
+            edits.append(_Edit(site, node.name, target, inplace, k > 0 or (inplace and _read_after(node))))
+            holders.setdefault(name, (parent, new_attr))
+    for owner_name, node, source, inplace in functional:
+        owner = owners[owner_name].module
+        k = counters.get(owner_name, 0)
+        counters[owner_name] = k + 1
+        attr = _free_name(owner, f"relu_fx_{k}", taken)
+        site = Site(_join(owner_name, attr), "function", source, owner_name, "")
+        sites.append(site)
+        edits.append(_Edit(site, node.name, attr, inplace, True))
+        holders[site.name] = (owner, attr)
+
+    if not sites:
+        raise ValueError(
+            f"no ReLU found in {type(module).__qualname__}: looked for nn.ReLU modules and F.relu / torch.relu /"
+            " Tensor.relu / relu_ calls in traceable forwards. Layers built in the LightningModule's `setup` or"
+            " `configure_model` do not exist yet when the callback converts (Callback.setup)."
+            + (f" Not traced: {', '.join(n or '<root>' for n, _, _ in not_traced)}." if not_traced else "")
+        )
+    selected, unmatched = _select(sites, arguments["include"], arguments["exclude"])
+    if unmatched:
+        raise ValueError(
+            f"`include` pattern(s) {unmatched} match no ReLU site of {type(module).__qualname__}; "
+            f"sites: {_preview([s.name for s in sites])}"
+        )
+    if not selected:
+        raise ValueError(
+            f"no ReLU site left after include={arguments['include']} exclude={arguments['exclude']}; "
+            f"sites: {_preview([s.name for s in sites])}"
+        )
+    chosen = {s.name for s in selected}
+    for edit in edits:
+        if edit.site.name in chosen and edit.site.owner is not None:
+            owners[edit.site.owner].edits.append(edit)
+    return ActivationPlan(
+        arguments=arguments,
+        sites=selected,
+        left_out=[s for s in sites if s.name not in chosen],
+        not_traced=not_traced,
+        _locations={s.name: holders[s.name] for s in selected},
+        _owners={n: o for n, o in owners.items() if any(e.changes for e in o.edits)},
+    )
+
+
+def _select(sites: list[Site], include: list[str] | None, exclude: list[str] | None):
+    """Sites matching ``include`` and no ``exclude`` by their name or, for shared calls, their module's name."""
+    candidates = {s.name: [s.name] + ([s.origin] if s.kind == "call" else []) for s in sites}
+    every = sorted({c for cs in candidates.values() for c in cs})
+    included, _, unmatched = select_names(every, include, None)
+    _, excluded, _ = select_names(every, None, exclude)
+    inc, exc = set(included), set(excluded)
+    chosen = [s for s in sites if any(c in inc for c in candidates[s.name]) and not any(c in exc for c in candidates[s.name])]
+    return chosen, unmatched
+
+
+def _preview(names: list[str], limit: int = 12) -> str:
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+# ------------------------------------------------------------------------------------------ rewriting
+
+
+class _TracedForward:
+    """A module's forward generated from its edited fx graph, bound to the module; picklable and copyable.
+
+    Set as ``module.forward`` on the instance, so the module keeps its class, attributes and hooks.
+    """
+
+    def __init__(self, owner: nn.Module, src: str, import_block: str, graph: fx.Graph | None = None) -> None:
+        self.owner, self.src, self.import_block, self.graph = owner, src, import_block, graph
+        self._fn = _forward_from_src(import_block + "\n" + src, {})
+        parameters = list(inspect.signature(self._fn).parameters.values())[1:]
+        self.__signature__ = inspect.Signature(parameters)
+        # Lightning's `is_overridden` reads `__wrapped__.__code__`; `__signature__` keeps `inspect` on the
+        # bound signature (without `self`).
+        self.__wrapped__ = self._fn
+        self.__name__ = self.__qualname__ = "forward"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(self.owner, *args, **kwargs)
+
+    def __reduce__(self):
+        return (_TracedForward, (self.owner, self.src, self.import_block))
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _TracedForward:
+        owner = copy.deepcopy(self.owner, memo)
+        if id(self) in memo:  # reached again through the owner's __dict__
+            return memo[id(self)]
+        clone = _TracedForward(owner, self.src, self.import_block, copy.deepcopy(self.graph))
+        memo[id(self)] = clone
+        return clone
+
+    def __repr__(self) -> str:
+        return f"<lightning_ste traced forward of {type(self.owner).__qualname__}>"
+
+
+def _rewire_later_uses(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
+    """An in-place ReLU changed ``old`` for every later reader: make those readers read ``new`` instead."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for user in list(old.users):
+        if user is not new and order[user] > order[new]:
+            user.replace_input_with(old, new)
+
+
+def _edited_graph(owner: _Owner) -> fx.Graph:
+    graph = copy.deepcopy(owner.graph)
+    nodes = {n.name: n for n in graph.nodes}
+    for edit in owner.edits:
+        node = nodes[edit.node_name]
+        value = node.args[0] if node.args else node.kwargs.get("input")
+        if node.op == "call_module":
+            node.target = edit.target
+            new = node
+        else:
+            with graph.inserting_after(node):
+                new = graph.call_module(edit.target, (value,))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+        if edit.inplace and isinstance(value, fx.Node):
+            _rewire_later_uses(graph, value, new)
+    graph.lint()
+    return graph
+
+
+def _compile_forward(module: nn.Module, graph: fx.Graph) -> _TracedForward:
+    code = graph.python_code(root_module="self")
+    return _TracedForward(module, code.src, _format_import_block(code.globals, sys_importer), graph)
+
+
+def apply_plan(module: nn.Module, plan: ActivationPlan) -> list[str]:
+    """Commit ``plan`` to ``module``: install the QuantReLUs, rewrite the forwards, record the recipe."""
+    # Everything that can fail (code generation) happens before the first assignment.
+    forwards = {name: _compile_forward(o.module, _edited_graph(o)) for name, o in plan._owners.items()}
+    quantizers = {site.name: _make_quantizer(plan.arguments) for site in plan.sites}
+    for site in plan.sites:
+        parent, attr = plan._locations[site.name]
+        setattr(parent, attr, quantizers[site.name])
+    for name, forward in forwards.items():
+        owner = plan._owners[name].module
+        if "forward" in owner.__dict__ and _is_lightning_compiled_forward(owner):
+            ctx = owner._compiler_ctx
+            ctx["original_forward"] = forward
+            owner.forward = ctx["dynamo_ctx"](forward)
+        else:
+            owner.forward = forward
+    recipes = module.__dict__.get("_lightning_ste_recipes")
+    if recipes is None:
+        recipes = []
+        module._lightning_ste_recipes = recipes
+    recipes.append(
+        {
+            "kind": RECIPE_KIND,
+            "version": RECIPE_VERSION,
+            "arguments": copy.deepcopy(plan.arguments),
+            "sites": plan.names,
+        }
+    )
+    return plan.names
+
+
+# ----------------------------------------------------------------------------------------------- printing
+
+
+def format_plan(plan: ActivationPlan, dry_run: bool = False) -> str:
+    """The plan as a table: each converted site with bits, STE and alpha mode; what was left out and why."""
+    a = plan.arguments
+    alpha = _describe_alpha(a)
+    head = "would convert" if dry_run else "converts"
+    lines = [f"QuantizeActivations {head} {len(plan.sites)} ReLU call site(s) to QuantReLU:"]
+    width = max(len(s.name) for s in plan.sites + plan.left_out)
+    for s in plan.sites:
+        where = {
+            "module": s.source,
+            "call": f"call {s.call[0]}/{s.call[1]} of shared {s.origin}" if s.call else s.source,
+            "function": f"{s.source} in {s.owner or '<root>'}.forward",
+        }[s.kind]
+        lines.append(
+            f"  {s.name:<{width}}  bits={a['bits']} ste={a['ste']} alpha={alpha} "
+            f"alpha_grad={a['alpha_grad']} rounding={a['rounding']}  <- {where}"
+        )
+    if plan.left_out:
+        lines.append(
+            f"Left out by include={a['include']} exclude={a['exclude']} ({len(plan.left_out)}): "
+            + ", ".join(s.name for s in plan.left_out)
+        )
+    if plan.not_traced:
+        lines.append(f"Not traced, functional ReLUs stay float ({len(plan.not_traced)}):")
+        lines += [f"  {n or '<root>'} ({c}): {r}" for n, c, r in plan.not_traced]
+    if dry_run:
+        lines.append("dry_run=True: the model was not changed.")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ entry points
+
+
+def _recipes(module: nn.Module) -> list[dict[str, Any]]:
+    return list(module.__dict__.get("_lightning_ste_recipes") or [])
+
+
+def find_recipe(module: nn.Module, arguments: dict[str, Any]) -> dict[str, Any] | None:
+    """The activations recipe of ``module`` made with exactly ``arguments``, if any."""
+    for recipe in _recipes(module):
+        if recipe.get("kind") == RECIPE_KIND and recipe.get("arguments") == arguments:
+            return recipe
+    return None
+
+
+def quantize_activations_(
+    module: nn.Module,
+    bits: int = 4,
+    ste: str = "clipped_relu",
+    alpha: str | float = "learned",
+    alpha_grad: str = "mean",
+    alpha_lr_scale: float = 0.01,
+    rounding: str = "ceil",
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    calibration_batches: int = 1,
+    dry_run: bool = False,
+) -> list[str]:
+    """Turn every ReLU call site of ``module`` into a b-bit QuantReLU in place (SPEC §1; YLZ19, BCGD19).
+
+    ``alpha``: ``"learned"`` (init ``half_gaussian_resolution(bits)``, trained with the BCGD19 proxy),
+    ``"fixed"`` (that value, frozen), ``"calibrate"`` (``max|x| / L`` over the first ``calibration_batches``
+    training batches, then frozen) or a number (frozen). Returns the names of the converted sites;
+    ``dry_run=True`` prints the plan and changes nothing. The model is unchanged when an error is raised.
+    """
+    if not isinstance(dry_run, bool):
+        raise ValueError(f"`dry_run` must be a bool, got {dry_run!r}")
+    plan = plan_activations(
+        module, bits, ste, alpha, alpha_grad, alpha_lr_scale, rounding, include, exclude, calibration_batches
+    )
+    if (message := plan.warning()) is not None:
+        warnings.warn(message, UserWarning, stacklevel=2)
+    if dry_run:
+        print(format_plan(plan, dry_run=True))
+        return plan.names
+    return apply_plan(module, plan)
+
+
+def apply_recipe(module: nn.Module, recipe: dict[str, Any]) -> list[str]:
+    """Re-apply one recorded activations recipe to a fresh model: convert exactly the recorded sites."""
+    if not isinstance(recipe, dict) or recipe.get("kind") != RECIPE_KIND:
+        raise ValueError(f"not an activations recipe: {recipe!r}")
+    if recipe.get("version") != RECIPE_VERSION:
+        raise ValueError(f"unsupported activations recipe version {recipe.get('version')!r}; known: {RECIPE_VERSION}")
+    arguments = dict(recipe["arguments"])
+    recorded = list(recipe["sites"])
+    plan = plan_activations(module, **{**arguments, "include": None, "exclude": None})
+    by_name = {s.name: s for s in plan.sites}
+    missing = [n for n in recorded if n not in by_name]
+    if missing:
+        raise ValueError(
+            f"the recipe's sites {missing} are not ReLU call sites of {type(module).__qualname__}; "
+            f"found: {_preview(list(by_name))}"
+        )
+    keep = set(recorded)
+    plan.sites = [by_name[n] for n in recorded]
+    plan.left_out = [s for s in by_name.values() if s.name not in keep]
+    for owner in plan._owners.values():
+        owner.edits = [e for e in owner.edits if e.site.name in keep]
+    plan._owners = {n: o for n, o in plan._owners.items() if any(e.changes for e in o.edits)}
+    plan.arguments = arguments
+    return apply_plan(module, plan)

@@ -1,0 +1,98 @@
+"""ImageNet from an ImageFolder tree (``train/<wnid>/*.JPEG``, ``val/<wnid>/*.JPEG``), fed by worker processes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms
+from torchvision.datasets import ImageFolder
+
+from lightning_ste.data.common import resolve_root, subset_indices
+
+__all__ = ["ImageNetDataModule"]
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LAYOUT = "<root>/train/<class>/<image>.JPEG and <root>/val/<class>/<image>.JPEG (torchvision ImageFolder)"
+
+
+class ImageNetDataModule(pl.LightningDataModule):
+    """ImageNet (ILSVRC-2012) train/val as ImageFolders; RandomResizedCrop+flip for training, resize+center crop.
+
+    ``root`` holds ``train/`` and ``val/`` with one folder per class (val must be sorted into class folders);
+    None means ``$LIGHTNING_STE_DATA/imagenet`` or ``./data/imagenet``. ``batch_size`` is per device.
+    ``crop_size``/``resize_size`` default to 224/256; tests shrink them.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 256,
+        val_batch_size: int = 256,
+        num_workers: int = 8,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        prefetch_factor: int = 4,
+        crop_size: int = 224,
+        resize_size: int = 256,
+        subset: int | None = None,
+        val_subset: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser() if root is not None else resolve_root(None) / "imagenet"
+
+    def _check_layout(self) -> None:
+        missing = [s for s in ("train", "val") if not (self.root / s).is_dir()]
+        if missing:
+            raise FileNotFoundError(
+                f"ImageNet root {str(self.root)!r} lacks {', '.join(s + '/' for s in missing)}: expected {LAYOUT}. "
+                "Pass --data.root or set LIGHTNING_STE_DATA (its imagenet/ subfolder is used)."
+            )
+
+    def prepare_data(self) -> None:
+        self._check_layout()
+
+    def setup(self, stage: str | None = None) -> None:
+        self._check_layout()
+        normalize = transforms.Normalize(MEAN, STD)
+        hp = self.hparams
+        train_tf = transforms.Compose([
+            transforms.RandomResizedCrop(hp.crop_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            normalize,
+        ])
+        val_tf = transforms.Compose([
+            transforms.Resize(hp.resize_size), transforms.CenterCrop(hp.crop_size), transforms.ToTensor(), normalize,
+        ])
+        if stage in (None, "fit"):
+            self.train_data = self._subset(ImageFolder(str(self.root / "train"), train_tf), hp.subset)
+        self.val_data = self._subset(ImageFolder(str(self.root / "val"), val_tf), hp.val_subset)
+
+    def _subset(self, data: ImageFolder, size: int | None) -> Dataset:
+        idx = subset_indices(len(data), size, self.hparams.seed)
+        return data if idx is None else Subset(data, idx.tolist())
+
+    def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        hp = self.hparams
+        workers = hp.num_workers
+        return DataLoader(
+            data, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and workers > 0,
+            prefetch_factor=hp.prefetch_factor if workers > 0 else None, drop_last=shuffle,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_data, self.hparams.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_data, self.hparams.val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()

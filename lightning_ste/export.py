@@ -1,0 +1,296 @@
+"""Ship a quantized model: a frozen inference copy, ONNX export, and a file with weights at their bit-width.
+
+- :func:`freeze`: an eval copy with constant q(W) weights and constant-alpha quantized ReLUs (plain tensor
+  ops, so it exports to ONNX and TorchScript), giving the same outputs.
+- :func:`to_onnx`: the frozen model as an ONNX file.
+- :func:`save_packed` / :func:`load_packed`: 1-bit weights as sign bits packed 8 per byte, ternary as 2-bit
+  codes, b-bit as b-bit codes, each with its float scale(s) (BCGD19); everything else in float.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_ste import functional as F_ste
+from lightning_ste.modules import QuantReLU, WeightQuantizer
+from lightning_ste.summary import quantized_weight_layers, weight_quantizer
+
+__all__ = ["FrozenQuantReLU", "freeze", "load_packed", "pack_bits", "save_packed", "to_onnx", "unpack_bits"]
+
+PACKED_FORMAT = "lightning_ste.packed"
+PACKED_VERSION = 1
+# Root attribute of a frozen model: {parameter name: quantizer settings} of the weights freeze() quantized.
+_FROZEN_ATTR = "_lightning_ste_frozen_weights"
+
+
+class FrozenQuantReLU(nn.Module):
+    """Inference-only b-bit quantized ReLU with constant alpha: ``alpha * clamp(ceil(x / alpha), 0, L)``.
+
+    The forward of :class:`~lightning_ste.QuantReLU` (SPEC §1; YLZ19, BCGD19) written with plain tensor ops
+    (div, ceil or round, clamp, mul), so tracing exporters see ordinary operators; alpha is a buffer.
+    """
+
+    def __init__(self, bits: int, alpha: float | Tensor, rounding: str = "ceil") -> None:
+        super().__init__()
+        F_ste.check_bits(bits)
+        F_ste.check_choice("rounding", rounding, F_ste.ROUNDINGS)
+        self.bits, self.rounding = bits, rounding
+        value = torch.as_tensor(alpha, dtype=torch.float32).detach().clone().clamp_min(F_ste.ALPHA_FLOOR)
+        self.register_buffer("alpha", value)
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits - 1
+
+    @classmethod
+    def from_quant_relu(cls, module: QuantReLU) -> FrozenQuantReLU:
+        """Freeze a :class:`QuantReLU` at its current alpha."""
+        frozen = cls(module.bits, module.alpha.detach().float().cpu(), module.rounding)
+        return frozen.to(module.alpha.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Same operations, in the same order and precision, as the training forward (functional.py).
+        compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        a = self.alpha.to(compute.dtype)
+        k = torch.div(compute, a)
+        k = torch.ceil(k) if self.rounding == "ceil" else torch.round(k)
+        y = torch.clamp(k, 0, self.levels) * a
+        y = torch.where(torch.isinf(compute), compute, y)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, alpha={float(self.alpha):.4g}, rounding={self.rounding}"
+
+
+def _quantizer_settings(quantizer: WeightQuantizer) -> dict[str, Any]:
+    return {
+        "bits": quantizer.bits,
+        "per_channel": quantizer.per_channel,
+        "ternary_scale": quantizer.ternary_scale,
+        "binary_scale": quantizer.binary_scale,
+    }
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+@torch.no_grad()
+def _unparametrize(layer: nn.Module) -> None:
+    """``remove_parametrizations(..., leave_parametrized=True)`` for every tensor of a deep-copied layer.
+
+    ``torch.nn.utils.parametrize.remove_parametrizations`` deletes the tensor's property from the layer's
+    class, and a deep copy shares that class with the original, which would then lose its weight; so the
+    class is swapped back here without touching it.
+    """
+    restored: dict[str, Tensor] = {}
+    for tensor_name in list(layer.parametrizations.keys()):
+        value = getattr(layer, tensor_name).detach()
+        original = getattr(layer.parametrizations[tensor_name], "original", None)
+        if isinstance(original, nn.Parameter):
+            original.data = value  # keeps the Parameter object, so tied weights stay tied
+            restored[tensor_name] = original
+        elif original is not None:
+            restored[tensor_name] = value
+        else:
+            restored[tensor_name] = nn.Parameter(value)
+    del layer._modules["parametrizations"]
+    layer.__class__ = layer.__class__.__bases__[0]
+    for tensor_name, tensor in restored.items():
+        if isinstance(tensor, nn.Parameter):
+            layer.register_parameter(tensor_name, tensor)
+        else:
+            layer.register_buffer(tensor_name, tensor)
+
+
+@torch.no_grad()
+def freeze(model: nn.Module) -> nn.Module:
+    """Eval-only deep copy with constant quantized weights and fixed quantized ReLUs, same outputs.
+
+    Every parametrization is removed as ``leave_parametrized=True`` does (so ``weight = q(W)`` of the final
+    latent weights, as BCGD19 evaluates), every :class:`~lightning_ste.QuantReLU` becomes a
+    :class:`FrozenQuantReLU` holding alpha as a buffer, every parameter gets ``requires_grad=False`` and the
+    copy is put in eval mode. ``model`` itself is not changed. Freezing a frozen model copies it.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    frozen = copy.deepcopy(model)
+    weights: dict[str, dict[str, Any]] = dict(getattr(frozen, _FROZEN_ATTR, {}))
+    for name, layer in list(frozen.named_modules()):
+        if not parametrize.is_parametrized(layer):
+            continue
+        quantizer = weight_quantizer(layer)
+        if quantizer is not None:
+            weights[f"{name}.weight" if name else "weight"] = _quantizer_settings(quantizer)
+        _unparametrize(layer)
+    if isinstance(frozen, QuantReLU):
+        return FrozenQuantReLU.from_quant_relu(frozen).eval()
+    replaced: dict[int, FrozenQuantReLU] = {}  # a QuantReLU shared by several parents stays shared
+    for name, module in list(frozen.named_modules(remove_duplicate=False)):
+        if isinstance(module, QuantReLU):
+            if id(module) not in replaced:
+                replaced[id(module)] = FrozenQuantReLU.from_quant_relu(module)
+            _set_submodule(frozen, name, replaced[id(module)])
+    for p in frozen.parameters():
+        p.requires_grad_(False)
+    setattr(frozen, _FROZEN_ATTR, weights)
+    return frozen.eval()
+
+
+def to_onnx(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], path: str | os.PathLike, **kwargs: Any):
+    """Export :func:`freeze` ``(model)`` to an ONNX file at ``path``; returns the path.
+
+    Uses the TorchScript exporter (``dynamo=False``) and falls back to the dynamo exporter if that one is
+    unavailable. Defaults: opset 17, input ``"input"``, output ``"output"``, dynamic batch dimension;
+    ``kwargs`` go to :func:`torch.onnx.export` and override them.
+    """
+    frozen = freeze(model)
+    args = example_input if isinstance(example_input, tuple) else (example_input,)
+    options: dict[str, Any] = {"opset_version": 17, "input_names": ["input"], "output_names": ["output"]}
+    if len(args) == 1:
+        options["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
+    options.update(kwargs)
+    path = Path(path)
+    try:
+        torch.onnx.export(frozen, args, str(path), dynamo=False, **options)
+    except (RuntimeError, TypeError, NotImplementedError) as legacy_error:
+        options.pop("dynamic_axes", None)
+        try:
+            torch.onnx.export(frozen, args, str(path), dynamo=True, **options)
+        except Exception as dynamo_error:
+            raise dynamo_error from legacy_error
+    return path
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+def pack_bits(values: Tensor, bits: int) -> Tensor:
+    """Pack non-negative integers ``< 2**bits`` into bytes, least significant bit first (uint8, 1-D)."""
+    F_ste.check_bits(bits)
+    v = values.detach().flatten().to(torch.uint8).cpu()
+    shifts = torch.arange(bits, dtype=torch.uint8)
+    stream = v.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).flatten()
+    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).view(-1, 8)
+    out = torch.zeros(stream.shape[0], dtype=torch.uint8)
+    for i in range(8):
+        out.bitwise_or_(stream[:, i].bitwise_left_shift(i))
+    return out
+
+
+def unpack_bits(data: Tensor, bits: int, count: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: the first ``count`` ``bits``-bit integers (int64, 1-D)."""
+    F_ste.check_bits(bits)
+    shifts = torch.arange(8, dtype=torch.uint8)
+    stream = data.cpu().unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).flatten()
+    stream = stream[: count * bits].view(count, bits).long()
+    out = torch.zeros(count, dtype=torch.int64)
+    for i in range(bits):
+        out.bitwise_or_(stream[:, i].bitwise_left_shift(i))
+    return out
+
+
+def _pack_codes(codes: Tensor, bits: int) -> dict[str, Any]:
+    """Codes -> a packed blob: 1-bit signs (bit = 1 for +1), else codes + 2**(b-1) - 1 in b bits."""
+    if bits == 1 and not bool((codes == 0).any()):
+        return {"encoding": "sign", "bits": 1, "data": pack_bits(codes > 0, 1)}
+    # A 1-bit layer with an exact zero latent weight has sign 0 (BCGD19 code): store it as ternary.
+    bits = max(bits, 2)
+    offset = 2 ** (bits - 1) - 1
+    return {"encoding": "offset", "bits": bits, "data": pack_bits((codes + offset).round(), bits)}
+
+
+def _unpack_codes(blob: dict[str, Any], count: int) -> Tensor:
+    values = unpack_bits(blob["data"], blob["bits"], count)
+    if blob["encoding"] == "sign":
+        return values * 2 - 1
+    return values - (2 ** (blob["bits"] - 1) - 1)
+
+
+def _codes_from_frozen(q: Tensor, settings: dict[str, Any]) -> tuple[Tensor, Tensor]:
+    """Recover (codes, scale) of a frozen q(W): the largest |code| is 1 (bits <= 2) or 2**(b-1)-1."""
+    bits = settings["bits"]
+    top = 1 if bits <= 2 else 2 ** (bits - 1) - 1
+    dims = tuple(range(1, q.dim())) if settings["per_channel"] and q.dim() > 1 else None
+    amax = q.abs().amax() if dims is None else q.abs().amax(dim=dims, keepdim=True)
+    scale = amax / top
+    codes = torch.where(scale > 0, q / scale.clamp_min(torch.finfo(q.dtype).tiny), 0).round()
+    return codes, scale
+
+
+def _weight_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@torch.no_grad()
+def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
+    """Save ``model`` with quantized weights at their bit-width; returns (and logs) the file size in bytes.
+
+    1-bit weights are stored as sign bits packed 8 per byte, ternary as 2-bit codes, b-bit as b-bit codes,
+    each with its float scale(s) (the codes and scales of :func:`~lightning_ste.functional.weight_codes`);
+    other tensors stay float. The file is a ``torch.save`` of the :func:`freeze` d module whose quantized
+    weights are replaced by empty tensors, plus the packed blobs; :func:`load_packed` restores it. Accepts
+    the training model (weights parametrized by :class:`~lightning_ste.WeightQuantizer`) or a frozen one.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    latent = {
+        (f"{name}.weight" if name else "weight"): (layer.parametrizations.weight.original, quantizer)
+        for name, layer, quantizer in quantized_weight_layers(model)
+    }
+    frozen = freeze(model)
+    fp32_bytes = _weight_bytes(frozen)
+    packed: dict[str, dict[str, Any]] = {}
+    for pname, settings in getattr(frozen, _FROZEN_ATTR).items():
+        param = frozen.get_parameter(pname)
+        if pname in latent:
+            w, quantizer = latent[pname]
+            codes, scale = F_ste.weight_codes(
+                w.detach(), quantizer.bits, quantizer.per_channel, quantizer.ternary_scale, quantizer.binary_scale
+            )
+        else:
+            codes, scale = _codes_from_frozen(param.detach(), settings)
+        blob = _pack_codes(codes.detach().flatten().cpu(), settings["bits"])
+        blob.update(shape=tuple(param.shape), dtype=param.dtype, scale=scale.detach().cpu().clone())
+        packed[pname] = blob
+        # Shared (tied) parameters are one object, so emptying it empties every alias.
+        param.data = torch.empty(0, dtype=param.dtype, device=param.device)
+    path = Path(path)
+    torch.save({"format": PACKED_FORMAT, "version": PACKED_VERSION, "module": frozen, "packed": packed}, path)
+    size = path.stat().st_size
+    rank_zero_info(
+        f"lightning_ste: saved packed model to {path}: {size / 1e6:.3f} MB "
+        f"({len(packed)} packed weight tensors; fp32 parameters would take {fp32_bytes / 1e6:.3f} MB)"
+    )
+    return size
+
+
+def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Load a :func:`save_packed` file: the frozen module with q(W) = codes * scale restored, in eval mode.
+
+    The file holds a pickled module (``torch.load(weights_only=False)``): load only files you trust.
+    """
+    obj = torch.load(Path(path), map_location="cpu", weights_only=False)
+    if not isinstance(obj, dict) or obj.get("format") != PACKED_FORMAT:
+        raise ValueError(f"{path} is not a lightning_ste packed model file")
+    if obj.get("version") != PACKED_VERSION:
+        raise ValueError(f"{path}: unsupported packed format version {obj.get('version')!r}")
+    module: nn.Module = obj["module"]
+    with torch.no_grad():
+        for pname, blob in obj["packed"].items():
+            count = 1
+            for d in blob["shape"]:
+                count *= d
+            codes = _unpack_codes(blob, count).to(blob["dtype"]).view(blob["shape"])
+            # Same product as WeightQuantizer's forward, so the weights are bit-identical.
+            module.get_parameter(pname).data = codes * blob["scale"].to(blob["dtype"])
+    return module.to(map_location).eval()

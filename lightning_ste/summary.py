@@ -1,0 +1,229 @@
+"""Bit-aware model summary: each layer's weight and activation bits, model size at the real bit-widths.
+
+Size accounting (the storage an inference copy needs): every floating-point parameter and persistent
+floating-point buffer (BatchNorm running statistics included, integer counters excluded) at its dtype's
+width, except quantized weights, which take ``bits`` per element plus one scale per tensor (or per output
+channel) at the weight's dtype width. Ternary weights count 2 bits (their packed width, BCGD19).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_ste.modules import QuantReLU, WeightQuantizer
+
+__all__ = ["LayerSummary", "QuantModelSummary", "QuantSummary", "quantized_weight_layers", "summary"]
+
+FP32_BITS = 32
+
+
+def weight_quantizer(layer: nn.Module) -> WeightQuantizer | None:
+    """The :class:`WeightQuantizer` parametrizing ``layer.weight``, or None."""
+    if not parametrize.is_parametrized(layer, "weight"):
+        return None
+    first = layer.parametrizations.weight[0]
+    return first if isinstance(first, WeightQuantizer) else None
+
+
+def quantized_weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, WeightQuantizer]]:
+    """Yield ``(name, layer, quantizer)`` for every layer whose weight a :class:`WeightQuantizer` parametrizes."""
+    for name, layer in model.named_modules():
+        quantizer = weight_quantizer(layer)
+        if quantizer is not None:
+            yield name, layer, quantizer
+
+
+def scale_count(weight: Tensor, quantizer: WeightQuantizer) -> int:
+    """Number of scales q(W) carries: one per tensor, or one per output channel (``per_channel``)."""
+    return weight.shape[0] if quantizer.per_channel and weight.dim() > 1 else 1
+
+
+def _dtype_bits(t: Tensor) -> int:
+    return torch.finfo(t.dtype).bits
+
+
+@dataclass(frozen=True)
+class LayerSummary:
+    """One row: a module holding tensors of its own, or an activation quantizer."""
+
+    name: str
+    type: str
+    params: int
+    weight_bits: int | None  # None: no weight; 32 (the dtype width) for a float weight
+    weight_quantized: bool
+    activation_bits: int | None  # bits of a QuantReLU, None for other layers
+    fp32_bits: int
+    quantized_bits: int
+
+
+@dataclass(frozen=True)
+class QuantModelSummary:
+    """Per-layer bits and the model size at the real bit-widths against fp32 (``str()`` gives the table)."""
+
+    layers: list[LayerSummary] = field(default_factory=list)
+
+    @property
+    def total_params(self) -> int:
+        return sum(r.params for r in self.layers)
+
+    @property
+    def quantized_params(self) -> int:
+        return sum(r.params for r in self.layers if r.weight_quantized)
+
+    @property
+    def fp32_bytes(self) -> float:
+        """Size of the same tensors stored as fp32."""
+        return sum(r.fp32_bits for r in self.layers) / 8
+
+    @property
+    def quantized_bytes(self) -> float:
+        """Size at the real bit-widths (quantized weights packed, scales and everything else float)."""
+        return sum(r.quantized_bits for r in self.layers) / 8
+
+    @property
+    def compression(self) -> float:
+        """fp32 size / quantized size."""
+        return self.fp32_bytes / self.quantized_bytes if self.quantized_bytes else 1.0
+
+    def __str__(self) -> str:
+        header = ("", "Name", "Type", "Params", "W bits", "A bits", "fp32 size", "Quant size")
+        rows = [
+            (
+                str(i),
+                r.name or "(root)",
+                r.type,
+                _human_count(r.params),
+                "-" if r.weight_bits is None else str(r.weight_bits),
+                "-" if r.activation_bits is None else str(r.activation_bits),
+                _human_bytes(r.fp32_bits / 8),
+                _human_bytes(r.quantized_bits / 8),
+            )
+            for i, r in enumerate(self.layers)
+        ]
+        widths = [max(len(row[c]) for row in [header, *rows]) for c in range(len(header))]
+        lines = [" | ".join(h.ljust(w) for h, w in zip(header, widths))]
+        lines.append("-" * len(lines[0]))
+        lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
+        lines.append("-" * len(lines[0]))
+        n_act = sum(r.activation_bits is not None for r in self.layers)
+        lines += [
+            f"{_human_count(self.total_params):<10} Total params",
+            f"{_human_count(self.quantized_params):<10} Quantized weights "
+            f"({sum(r.weight_quantized for r in self.layers)} layers)",
+            f"{n_act:<10} Activation quantizers",
+            f"{self.fp32_bytes / 1e6:<10.3f} Model size at fp32 (MB)",
+            f"{self.quantized_bytes / 1e6:<10.3f} Model size at the real bit-widths (MB)",
+            f"{self.compression:<10.2f} Compression (fp32 / quantized)",
+        ]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _human_count(n: int) -> str:
+    for unit, div in (("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return str(n)
+
+
+def _human_bytes(n: float) -> str:
+    for unit, div in (("MB", 1e6), ("KB", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:g} B"
+
+
+def _layer_row(name: str, module: nn.Module) -> LayerSummary | None:
+    params = fp32 = quant = 0
+    weight_bits: int | None = None
+    quantizer = weight_quantizer(module)
+    if quantizer is not None:
+        w = module.parametrizations.weight.original
+        params += w.numel()
+        weight_bits = quantizer.bits
+        fp32 += FP32_BITS * w.numel()
+        # Ternary codes take 2 bits, b-bit codes b bits; the scales stay at the weight's width.
+        quant += quantizer.bits * w.numel() + _dtype_bits(w) * scale_count(w, quantizer)
+    for pname, p in module.named_parameters(recurse=False):
+        params += p.numel()
+        if pname == "weight":
+            weight_bits = _dtype_bits(p)
+    tensors = [p for _, p in module.named_parameters(recurse=False)]
+    if parametrize.is_parametrized(module):
+        # Latent tensors of other parametrizations (weight norm, ...) are stored in float.
+        for tname, plist in module.parametrizations.items():
+            if tname == "weight" and quantizer is not None:
+                continue
+            originals = [plist.original] if hasattr(plist, "original") else list(plist.parameters(recurse=False))
+            params += sum(o.numel() for o in originals)
+            tensors += originals
+            if tname == "weight":
+                weight_bits = _dtype_bits(originals[0])
+    tensors += [
+        b
+        for bname, b in module.named_buffers(recurse=False)
+        if b is not None and b.is_floating_point() and bname not in module._non_persistent_buffers_set
+    ]
+    for t in tensors:
+        if t.is_floating_point():
+            fp32 += FP32_BITS * t.numel()
+            quant += _dtype_bits(t) * t.numel()
+    is_act = isinstance(module, QuantReLU)
+    if not (is_act or fp32):
+        return None
+    return LayerSummary(
+        name=name,
+        type=type(module).__name__,
+        params=params,
+        weight_bits=weight_bits,
+        weight_quantized=quantizer is not None,
+        activation_bits=module.bits if is_act else None,
+        fp32_bits=fp32,
+        quantized_bits=quant,
+    )
+
+
+def summary(model: nn.Module) -> QuantModelSummary:
+    """Each layer with its weight and activation bits, and the model size at the real bit-widths vs fp32.
+
+    A weight parametrized by :class:`~lightning_ste.WeightQuantizer` counts ``bits`` per element plus its
+    scale(s) (BCGD19: 1-bit sign, ternary 2-bit, b-bit codes); everything else counts at its float width.
+    ``str(summary(model))`` is a ``ModelSummary``-style table.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    rows = []
+    for name, module in model.named_modules():
+        # The parametrization containers are accounted for by the layer that owns them.
+        if "parametrizations" in name.split("."):
+            continue
+        row = _layer_row(name, module)
+        if row is not None:
+            rows.append(row)
+    return QuantModelSummary(rows)
+
+
+class QuantSummary(Callback):
+    """Print the bit-aware :func:`summary` of the model at fit start (like Lightning's ``ModelSummary``).
+
+    Runs in ``on_fit_start``, after the conversion callbacks rewrote the model in ``setup``; the last
+    summary stays available as ``self.last_summary``.
+    """
+
+    def __init__(self) -> None:
+        self.last_summary: QuantModelSummary | None = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        self.last_summary = summary(pl_module)
+        rank_zero_info("\n" + str(self.last_summary))

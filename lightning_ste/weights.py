@@ -1,0 +1,447 @@
+"""Quantize the weights of Linear / Conv layers with ``torch.nn.utils.parametrize`` (SPEC §2; BCGD19).
+
+Each selected layer's ``weight`` becomes the parametrization ``q(W)`` of
+:class:`~lightning_ste.modules.WeightQuantizer`: ``layer.parametrizations.weight.original`` is the float
+latent W the optimizer trains, and ``layer.weight`` returns q(W), with the gradient passed to W straight
+through. Biases and normalisation parameters are left alone. No Lightning here: the callback
+:class:`~lightning_ste.callbacks.weights.BlendedQuantWeights` calls :func:`plan_weights` and
+:func:`apply_plan`, and a plain ``nn.Module`` can use :func:`quantize_weights_`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from lightning_ste import functional as F_ste
+from lightning_ste.modules import WeightQuantizer
+from lightning_ste.selection import check_patterns, select_names
+
+__all__ = [
+    "DEFAULT_LAYER_TYPES",
+    "RECIPE_KIND",
+    "WeightPlan",
+    "apply_plan",
+    "apply_recipe",
+    "check_layer_types",
+    "execution_order",
+    "layer_types_from_arguments",
+    "set_quantizer_arguments_",
+    "check_weight_args",
+    "convert_sites_",
+    "has_weights_recipe",
+    "plan_weights",
+    "quantize_weights_",
+    "quantized_layers",
+    "remove_quantization_",
+]
+
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+RECIPE_KIND = "weights"
+RECIPE_VERSION = 1
+RECIPES_ATTR = "_lightning_ste_recipes"
+QUANTIZER_ARGS = ("bits", "per_channel", "ternary_scale", "binary_scale")
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def check_layer_types(layer_types: object) -> tuple[type[nn.Module], ...]:
+    """Validate ``layer_types``: an ``nn.Module`` subclass or a non-empty sequence of them."""
+    if isinstance(layer_types, type):
+        layer_types = (layer_types,)
+    if (
+        isinstance(layer_types, (tuple, list))
+        and layer_types
+        and all(isinstance(t, type) and issubclass(t, nn.Module) for t in layer_types)
+    ):
+        return tuple(layer_types)
+    raise ValueError(f"`layer_types` must be a non-empty tuple of nn.Module subclasses, got {layer_types!r}")
+
+
+def _type_from_name(name: str) -> type[nn.Module]:
+    module_name, _, qualname = name.rpartition(".")
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _type_name(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+def check_weight_args(
+    bits: object,
+    per_channel: object,
+    ternary_scale: object,
+    binary_scale: object,
+    keep_first_last: object,
+    include: object,
+    exclude: object,
+    layer_types: object,
+) -> tuple[tuple[str, ...] | None, tuple[str, ...] | None, tuple[type[nn.Module], ...]]:
+    """Validate the conversion arguments (ValueError naming the argument); return the normalised patterns."""
+    F_ste.check_bits(bits)
+    if not isinstance(per_channel, bool):
+        raise ValueError(f"`per_channel` must be a bool, got {per_channel!r}")
+    F_ste.check_choice("ternary_scale", ternary_scale, F_ste.TERNARY_SCALES)
+    F_ste.check_choice("binary_scale", binary_scale, F_ste.BINARY_SCALES)
+    if not isinstance(keep_first_last, bool):
+        raise ValueError(f"`keep_first_last` must be a bool, got {keep_first_last!r}")
+    return (
+        check_patterns(include, "include"),
+        check_patterns(exclude, "exclude"),
+        check_layer_types(layer_types),
+    )
+
+
+# ----------------------------------------------------------------------------------------- inspection
+
+
+def _quantizer_of(layer: nn.Module) -> WeightQuantizer | None:
+    if not parametrize.is_parametrized(layer, "weight"):
+        return None
+    chain = layer.parametrizations.weight  # type: ignore[union-attr]
+    # The blend W <- (1-ρ)W + ρ q(W) is only defined when q is the whole parametrization.
+    if len(chain) == 1 and isinstance(chain[0], WeightQuantizer):
+        return chain[0]
+    return None
+
+
+def quantized_layers(module: nn.Module) -> Iterator[tuple[str, nn.Module, nn.Parameter, WeightQuantizer]]:
+    """Yield ``(name, layer, latent W, quantizer)`` for every layer whose weight is q(W) of a WeightQuantizer."""
+    for name, layer in module.named_modules():
+        quantizer = _quantizer_of(layer)
+        if quantizer is not None:
+            yield name, layer, layer.parametrizations.weight.original, quantizer  # type: ignore[union-attr]
+
+
+def has_weights_recipe(module: nn.Module) -> bool:
+    """Whether ``module`` already holds a weights recipe (so a second fit does not convert again)."""
+    return any(r.get("kind") == RECIPE_KIND for r in getattr(module, RECIPES_ATTR, []) or [])
+
+
+def _candidates(module: nn.Module, layer_types: tuple[type[nn.Module], ...]) -> list[tuple[str, nn.Module]]:
+    """Layers of ``layer_types`` with a plain (not yet parametrized) float weight parameter, in definition order."""
+    found = []
+    for name, layer in module.named_modules():
+        if not name or not isinstance(layer, layer_types) or parametrize.is_parametrized(layer, "weight"):
+            continue
+        weight = layer._parameters.get("weight")
+        if isinstance(weight, nn.Parameter) and weight.is_floating_point():
+            found.append((name, layer))
+    return found
+
+
+# ---------------------------------------------------------------------------------------------- probe
+
+
+def _first_float_param(module: nn.Module) -> Tensor | None:
+    return next((p for p in module.parameters() if p.is_floating_point()), None)
+
+
+def _to_model(obj: Any, ref: Tensor | None) -> Any:
+    if isinstance(obj, Tensor):
+        if ref is None:
+            return obj
+        return obj.to(device=ref.device, dtype=ref.dtype if obj.is_floating_point() else obj.dtype)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_model(o, ref) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to_model(v, ref) for k, v in obj.items()}
+    return obj
+
+
+@torch.no_grad()
+def execution_order(module: nn.Module, names: Sequence[str], example_input: Any) -> list[str]:
+    """Names among ``names`` in the order a forward on ``example_input`` first calls them (eval mode, no grad).
+
+    ``example_input`` follows Lightning's ``example_input_array``: a tuple is passed as positional arguments,
+    a dict as keyword arguments, anything else as the single argument. The probe runs in eval mode so it
+    changes no BatchNorm statistic and calibrates no activation; the training flags are restored after.
+    """
+    order: list[str] = []
+    seen: set[str] = set()
+
+    def hook_for(name: str):
+        def hook(_mod: nn.Module, _args: Any) -> None:
+            if name not in seen:
+                seen.add(name)
+                order.append(name)
+
+        return hook
+
+    handles = [module.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    modes = [(m, m.training) for m in module.modules()]
+    try:
+        x = _to_model(example_input, _first_float_param(module))
+        module.eval()
+        if isinstance(x, tuple):
+            module(*x)
+        elif isinstance(x, dict):
+            module(**x)
+        else:
+            module(x)
+    except Exception as err:
+        raise ValueError(
+            f"`keep_first_last` needs a probe forward on `example_input`, and calling the model failed: {err!r}"
+        ) from err
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    return order
+
+
+# ----------------------------------------------------------------------------------------------- plan
+
+
+@dataclass
+class WeightPlan:
+    """What a weight conversion will do: the layers to quantize and why the others stay float."""
+
+    sites: list[str]
+    arguments: dict[str, Any]
+    left_out: list[tuple[str, str]] = field(default_factory=list)
+    kept_first_last: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+
+    def recipe(self) -> dict[str, Any]:
+        """The conversion recipe stored on the module and in checkpoints (see COMMON recipe protocol)."""
+        return {
+            "kind": RECIPE_KIND,
+            "version": RECIPE_VERSION,
+            "arguments": dict(self.arguments),
+            "sites": list(self.sites),
+        }
+
+    def format(self, title: str = "quantize_weights_") -> str:
+        """A human-readable plan: each quantized layer, then each float layer with the reason."""
+        a = self.arguments
+        kind = {1: "binary", 2: "ternary"}.get(a["bits"], f"{a['bits']}-bit")
+        scale = {1: f"{a['binary_scale']}|W|", 2: f"{a['ternary_scale']} scale"}.get(
+            a["bits"], "least squares"
+        )
+        gran = "per output channel" if a["per_channel"] else "per tensor"
+        lines = [f"{title} plan: {len(self.sites)} layer(s) get {kind} weights ({scale}, {gran})"]
+        for name in self.sites:
+            cls, shape = self.shapes.get(name, ("?", ()))
+            lines.append(f"  quantize  {name} ({cls}, weight {'x'.join(map(str, shape))})")
+        for name, reason in self.left_out:
+            cls, _ = self.shapes.get(name, ("?", ()))
+            lines.append(f"  float     {name} ({cls}): {reason}")
+        if self.kept_first_last:
+            lines.append(f"  keep_first_last kept in float: {', '.join(self.kept_first_last)}")
+        return "\n".join(lines)
+
+
+def plan_weights(
+    module: nn.Module,
+    bits: int = 1,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    keep_first_last: bool = False,
+    per_channel: bool = False,
+    ternary_scale: str = "twn",
+    binary_scale: str = "mean",
+    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+    example_input: Any = None,
+) -> WeightPlan:
+    """Decide which layers :func:`quantize_weights_` converts; changes nothing. ValueError when none is selected."""
+    inc, exc, types = check_weight_args(
+        bits, per_channel, ternary_scale, binary_scale, keep_first_last, include, exclude, layer_types
+    )
+    arguments = {
+        "bits": bits,
+        "include": list(inc) if inc is not None else None,
+        "exclude": list(exc) if exc is not None else None,
+        "keep_first_last": keep_first_last,
+        "per_channel": per_channel,
+        "ternary_scale": ternary_scale,
+        "binary_scale": binary_scale,
+        "layer_types": [_type_name(t) for t in types],
+    }
+    candidates = _candidates(module, types)
+    if not candidates:
+        raise ValueError(
+            f"no layer with a float `weight` of `layer_types` {[t.__name__ for t in types]} in "
+            f"{type(module).__name__} (already quantized layers are skipped; layers built in the module's "
+            "`setup`/`configure_model` do not exist yet when a callback's `setup` runs)"
+        )
+    names = [n for n, _ in candidates]
+    shapes = {n: (type(m).__name__, tuple(m.weight.shape)) for n, m in candidates}
+    selected, excluded, unmatched = select_names(names, inc, exc)
+    if unmatched:
+        raise ValueError(
+            f"`include` pattern(s) {unmatched} match no layer of `layer_types`; candidates: {', '.join(names)}"
+        )
+    included = set(select_names(names, inc, None)[0])
+    left_out = [
+        (n, "excluded by `exclude`" if n in included else "not matched by `include`") for n in excluded
+    ]
+    kept: list[str] = []
+    if keep_first_last:
+        if example_input is None:
+            raise ValueError("`keep_first_last=True` needs `example_input` to find the execution order")
+        order = execution_order(module, names, example_input)
+        if not order:
+            raise ValueError(
+                "`keep_first_last=True`: the probe forward called none of the candidate layers "
+                f"({', '.join(names)})"
+            )
+        kept = [order[0]] if len(order) == 1 else [order[0], order[-1]]
+        for n in kept:
+            where = "first" if n == order[0] else "last"
+            if n in selected:
+                selected.remove(n)
+                left_out.append((n, f"kept by `keep_first_last` ({where} in execution order)"))
+    if not selected:
+        if len(excluded) < len(names):
+            culprit = "keep_first_last"
+        elif inc is None or (exc is not None and included):
+            culprit = "exclude"
+        else:
+            culprit = "include"
+        raise ValueError(
+            f"nothing selected: `{culprit}` leaves no layer to quantize (include={arguments['include']}, "
+            f"exclude={arguments['exclude']}, keep_first_last={keep_first_last}); candidates: {', '.join(names)}"
+        )
+    return WeightPlan(selected, arguments, left_out, kept, shapes)
+
+
+# -------------------------------------------------------------------------------------------- convert
+
+
+def _make_quantizer(arguments: dict[str, Any]) -> WeightQuantizer:
+    return WeightQuantizer(**{k: arguments[k] for k in QUANTIZER_ARGS if k in arguments})
+
+
+def convert_sites_(module: nn.Module, sites: Sequence[str], arguments: dict[str, Any]) -> None:
+    """Parametrize ``weight`` of each site with q(W); on any error undo the sites already done."""
+    layers = []
+    for name in sites:
+        try:
+            layer = module.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"recipe site {name!r} is not a submodule of {type(module).__name__}") from err
+        if parametrize.is_parametrized(layer, "weight"):
+            raise ValueError(f"the weight of {name!r} is already parametrized; it cannot be quantized again")
+        if not isinstance(layer._parameters.get("weight"), nn.Parameter):
+            raise ValueError(f"{name!r} ({type(layer).__name__}) has no `weight` parameter to quantize")
+        layers.append(layer)
+    _make_quantizer(arguments)  # validate the arguments before touching the module
+    done: list[nn.Module] = []
+    try:
+        for layer in layers:
+            parametrize.register_parametrization(layer, "weight", _make_quantizer(arguments))
+            done.append(layer)
+    except Exception:
+        for layer in done:
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+        raise
+
+
+def _record(module: nn.Module, recipe: dict[str, Any]) -> None:
+    recipes = getattr(module, RECIPES_ATTR, None)
+    if recipes is None:
+        recipes = []
+        # A plain attribute (not a buffer): the recipe travels in the checkpoint's "lightning_ste" entry.
+        setattr(module, RECIPES_ATTR, recipes)
+    recipes.append(recipe)
+
+
+def apply_plan(module: nn.Module, plan: WeightPlan) -> list[str]:
+    """Convert the plan's sites and record its recipe on ``module``; return the converted names."""
+    convert_sites_(module, plan.sites, plan.arguments)
+    _record(module, plan.recipe())
+    return list(plan.sites)
+
+
+def quantize_weights_(
+    module: nn.Module,
+    bits: int = 1,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    keep_first_last: bool = False,
+    per_channel: bool = False,
+    ternary_scale: str = "twn",
+    binary_scale: str = "mean",
+    layer_types: Sequence[type[nn.Module]] = DEFAULT_LAYER_TYPES,
+    example_input: Any = None,
+    dry_run: bool = False,
+) -> list[str]:
+    """Make each selected layer's weight q(W) of SPEC §2 via ``parametrize`` (BCGD19); return the layer names.
+
+    ``include``/``exclude`` are glob patterns over module names; ``layer_types`` the layer classes considered;
+    ``keep_first_last=True`` keeps the first and last of them *in execution order* (a probe forward on
+    ``example_input``) in float. ``dry_run=True`` prints the plan and changes nothing. The module is left
+    unchanged on any error. The recipe is appended to ``module._lightning_ste_recipes``.
+    """
+    plan = plan_weights(
+        module, bits, include, exclude, keep_first_last, per_channel, ternary_scale, binary_scale, layer_types,
+        example_input,
+    )  # fmt: skip
+    if dry_run:
+        print(plan.format("quantize_weights_ (dry run, nothing changed)"))
+        return list(plan.sites)
+    return apply_plan(module, plan)
+
+
+def apply_recipe(module: nn.Module, recipe: dict[str, Any]) -> list[str]:
+    """Re-apply a stored weights recipe to a fresh module: exactly the recorded sites, the recorded arguments."""
+    if not isinstance(recipe, dict) or recipe.get("kind") != RECIPE_KIND:
+        raise ValueError(
+            f"`recipe` must be a {RECIPE_KIND!r} recipe, got kind {getattr(recipe, 'get', dict)('kind')!r}"
+        )
+    if recipe.get("version") != RECIPE_VERSION:
+        raise ValueError(
+            f"unsupported weights recipe version {recipe.get('version')!r} (this is {RECIPE_VERSION})"
+        )
+    arguments = dict(recipe.get("arguments") or {})
+    sites = list(recipe.get("sites") or [])
+    if not sites:
+        raise ValueError("weights recipe has no `sites`")
+    convert_sites_(module, sites, arguments)
+    _record(module, {**recipe, "arguments": arguments, "sites": sites})
+    return sites
+
+
+def set_quantizer_arguments_(
+    module: nn.Module, arguments: dict[str, Any], sites: Sequence[str] | None = None
+) -> None:
+    """Give the quantizers of ``sites`` (all when None) the settings of ``arguments`` (q has no state to lose)."""
+    new = _make_quantizer(arguments)
+    for name, _, _, quantizer in quantized_layers(module):
+        if sites is None or name in sites:
+            for k in QUANTIZER_ARGS:
+                setattr(quantizer, k, getattr(new, k))
+
+
+def remove_quantization_(module: nn.Module, sites: Sequence[str] | None = None) -> list[str]:
+    """Undo the weight quantization of ``sites`` (all when None): ``weight`` is the float latent W again."""
+    removed = []
+    for name, layer, _, _ in list(quantized_layers(module)):
+        if sites is None or name in sites:
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
+            # Put `weight` back in front, where torch layers register it, so parameter order (and thus the
+            # optimizer's state indexing) is that of a layer that was never quantized.
+            params = layer._parameters
+            rest = {k: v for k, v in params.items() if k != "weight"}
+            weight = params["weight"]
+            params.clear()
+            params.update({"weight": weight, **rest})
+            removed.append(name)
+    return removed
+
+
+def layer_types_from_arguments(arguments: dict[str, Any]) -> tuple[type[nn.Module], ...]:
+    """The layer classes a recipe's ``arguments`` name (qualified names)."""
+    return tuple(_type_from_name(n) for n in arguments.get("layer_types") or []) or DEFAULT_LAYER_TYPES

@@ -1,0 +1,128 @@
+"""The ``lightning-ste`` command: recipe + overrides, final table, offline W&B without prompting, figures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightning_ste import QuantReLU
+from lightning_ste.cli import ensure_wandb_does_not_prompt, format_metrics_table, run_cli
+from lightning_ste.figures import one_step_losses
+from lightning_ste.data.synthetic import teacher_student
+
+REPO = Path(__file__).resolve().parents[1]
+TWOLAYER = str(REPO / "recipes" / "mnist" / "twolayer.yaml")
+
+
+def small_mnist(mnist_root: Path, tmp_path: Path) -> list[str]:
+    return [
+        "--data.root", str(mnist_root), "--data.subset", "512", "--data.val_subset", "256",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+    ]
+
+
+def test_console_script_fit_with_overrides_prints_table_and_never_prompts(mnist_root: Path, tmp_path: Path) -> None:
+    # No credentials anywhere: no API key, a HOME without .netrc, no WANDB_MODE. stdin closed: a prompt would fail.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
+    env["HOME"] = str(tmp_path)
+    cmd = [
+        "lightning-ste", "fit", "--config", TWOLAYER, *small_mnist(mnist_root, tmp_path),
+        "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", "--trainer.log_every_n_steps", "1",
+        "--activations.ste", "identity", "--model.lr", "0.05", "--model.arch_kwargs.hidden", "64",
+    ]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W&B runs offline" in proc.stderr
+    out = proc.stdout
+    assert "Final validation metrics (epoch 1, step 8)" in out
+    assert "| val/acc " in out and "| val/loss " in out
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    saved = yaml.safe_load((runs[0] / "files" / "lightning_ste_config.yaml").read_text())
+    assert saved["activations"]["init_args"]["ste"] == "identity"
+    assert saved["model"]["init_args"]["lr"] == 0.05
+    assert saved["model"]["init_args"]["arch_kwargs"]["hidden"] == 64
+    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+
+
+def test_fast_dev_run_in_process_then_validate_from_checkpoint(
+    mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    common = ["--config", TWOLAYER, *small_mnist(mnist_root, tmp_path), "--activations.ste", "log_tailed_relu"]
+    cli = run_cli(["fit", *common, "--trainer.fast_dev_run", "2"])
+    quant = [m for m in cli.model.modules() if isinstance(m, QuantReLU)]
+    assert len(quant) == 1 and quant[0].ste == "log_tailed_relu" and quant[0].bits == 2
+    out = capsys.readouterr().out
+    assert "Final validation metrics" in out and "| val/acc " in out
+
+    # A real (non fast-dev) step to get a checkpoint, then `validate` rebuilds the quantized model from it.
+    cli = run_cli(["fit", *common, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3"])
+    last = tmp_path / "ckpt" / "last.ckpt"
+    assert last.exists()
+    fitted = cli.final_metrics["val/acc"]
+    cli = run_cli(["validate", *common, "--ckpt_path", str(last)])
+    assert cli.trainer.callback_metrics["val/acc"].item() == pytest.approx(fitted, abs=1e-6)
+
+
+def test_wandb_mode_follows_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert ensure_wandb_does_not_prompt() == "offline" and os.environ["WANDB_MODE"] == "offline"
+
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password abc123\n")
+    os.chmod(tmp_path / "netrc", 0o600)
+    assert ensure_wandb_does_not_prompt() is None and "WANDB_MODE" not in os.environ
+
+    (tmp_path / "netrc").write_text("")
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert ensure_wandb_does_not_prompt() is None and "WANDB_MODE" not in os.environ
+
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert ensure_wandb_does_not_prompt() is None and os.environ["WANDB_MODE"] == "disabled"
+
+
+def test_metrics_table_lists_names_as_logged() -> None:
+    table = format_metrics_table({"val/loss": 0.25, "val/acc": torch.tensor(0.991)}, "T")
+    lines = table.splitlines()
+    assert lines[0] == "T"
+    assert "| val/acc  | 0.9910 |" in lines and "| val/loss | 0.2500 |" in lines
+    assert format_metrics_table({}, "T") == "T: none logged"
+
+
+def test_figure_command_writes_png(tmp_path: Path) -> None:
+    out = tmp_path / "fig1.png"
+    run_cli(["figure", "ylz19-fig1", "--out", str(out), "--sample-sizes", "10", "50", "1000"])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_coarse_gradient_step_is_descent_for_monotone_stes_on_many_samples() -> None:
+    # YLZ19 Fig. 1: with 1000 samples a small step along the negative coarse gradient lowers the loss.
+    g = torch.Generator().manual_seed(0)
+    w_star = torch.randn(10, generator=g, dtype=torch.float64)
+    w_star /= w_star.norm()
+    v_star = torch.randn(20, generator=g, dtype=torch.float64)
+    z, y = teacher_student(w_star, v_star, 1000, g)
+    v0, w0 = torch.randn(20, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    etas = torch.tensor([0.0, 1e-3, 1e-2], dtype=torch.float64)
+    for ste in ("relu", "clipped_relu"):
+        _, losses = one_step_losses(z, y, v0, w0, ste, etas)
+        assert losses[1] < losses[0] and losses[2] < losses[0]
+
+
+def test_module_entry_point_lists_subcommands() -> None:
+    proc = subprocess.run([sys.executable, "-m", "lightning_ste.cli", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    assert all(s in proc.stdout for s in ("fit", "validate", "test", "predict"))

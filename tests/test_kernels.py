@@ -1,0 +1,229 @@
+"""The fused CPU kernels of lightning_ste._kernels against the eager path of quantized_relu.
+
+The eager path (the formula of SPEC §1 in torch operations) is what runs on GPUs and under torch.compile;
+it is checked against a float64 reference in test_functional.py. Here the fast path must agree with it:
+values bit for bit, gradients to summation order, on level boundaries, NaN/inf, empty, non-contiguous,
+channels_last and half-precision inputs.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from lightning_ste import _kernels
+from lightning_ste import functional as F_ste
+from lightning_ste.functional import ALPHA_GRADS, ROUNDINGS, quantized_relu
+
+pytestmark = pytest.mark.skipif(not _kernels.available(), reason="fused CPU kernels could not be built here")
+
+REGION_STES = ("identity", "relu", "clipped_relu")
+
+
+def _run(x: torch.Tensor, alpha: float, bits: int, ste: str, alpha_grad: str, rounding: str, fast: bool, g=None):
+    """y, grad_x, grad_alpha and the saved tensors of one call, with the fused kernels on or off."""
+    xi = x.detach().clone().requires_grad_(True)
+    a = torch.tensor(alpha, requires_grad=True)
+    saved: list[torch.Tensor] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t)
+        return t
+
+    previous = _kernels._state.get("ok")
+    _kernels._state["ok"] = fast
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = quantized_relu(xi, a, bits, ste=ste, alpha_grad=alpha_grad, alpha_lr_scale=0.01, rounding=rounding)
+        y.backward(torch.ones_like(y) if g is None else g)
+    finally:
+        _kernels._state["ok"] = previous
+    return y.detach(), xi.grad, a.grad, saved
+
+
+def _assert_same(fast, eager, exact_alpha: bool = False) -> None:
+    (yf, gxf, gaf, _), (ye, gxe, gae, _) = fast, eager
+    assert yf.dtype == ye.dtype and yf.shape == ye.shape
+    assert torch.equal(yf.nan_to_num(), ye.nan_to_num()) and torch.equal(yf.isnan(), ye.isnan())
+    assert torch.equal(gxf.nan_to_num(), gxe.nan_to_num()) and torch.equal(gxf.isnan(), gxe.isnan())
+    if exact_alpha:
+        assert torch.equal(gaf, gae)
+    else:
+        torch.testing.assert_close(gaf, gae, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def _boundary_input(alpha: float, bits: int, n: int = 5000, seed: int = 0) -> torch.Tensor:
+    """Random values over every region plus every level, half level and the top, exactly."""
+    gen = torch.Generator().manual_seed(seed)
+    levels = 2**bits - 1
+    x = (torch.rand(n, generator=gen) * 1.5 - 0.25) * levels * alpha
+    a32 = torch.tensor(alpha)
+    k = torch.arange(-1, levels + 2, dtype=torch.float32)
+    exact = torch.cat([k * a32, (k + 0.5) * a32, torch.nextafter(k * a32, torch.tensor(float("inf")))])
+    x = torch.cat([x, exact, torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    return x[torch.randperm(x.numel(), generator=gen)]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_fast_path_matches_eager_all_settings(bits: int, rounding: str) -> None:
+    alpha = 0.1946 if bits != 1 else 0.75
+    x = _boundary_input(alpha, bits, seed=bits)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    for ste, mode in itertools.product(REGION_STES, ALPHA_GRADS):
+        fast = _run(x, alpha, bits, ste, mode, rounding, True, g)
+        eager = _run(x, alpha, bits, ste, mode, rounding, False, g)
+        _assert_same(fast, eager)
+
+
+def test_fast_path_is_taken_and_saves_two_bits_per_element() -> None:
+    x = torch.randn(64, 1000)
+    fast = _run(x, 0.2, 4, "clipped_relu", "mean", "ceil", True)
+    eager = _run(x, 0.2, 4, "clipped_relu", "mean", "ceil", False)
+    codes_fast = [t for t in fast[3] if t.dtype == torch.uint8]
+    codes_eager = [t for t in eager[3] if t.dtype == torch.uint8]
+    assert [t.numel() for t in codes_fast] == [2 * x.numel() // 8]
+    assert [t.numel() for t in codes_eager] == [x.numel()]
+    # every saved tensor but the code is the 0-dim alpha: no copy of the input or the output
+    assert all(t.dim() == 0 for t in fast[3] if t.dtype != torch.uint8)
+
+
+def test_packed_code_matches_torch_reference() -> None:
+    for n in (0, 1, 7, 8, 9, 63, 64, 65, 1000, 4099):
+        x = torch.randn(n) * 2
+        a = torch.tensor(0.2)
+        y, code = _kernels.relu_forward(x, a, 15, False)
+        assert torch.equal(code, _kernels.code_planes(x, a * 15)), n
+
+
+def test_nan_inf_and_signed_zero() -> None:
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 0.3, 1e30, -1e30] * 5)
+    g = torch.tensor([1.0, 2.0, 3.0, float("nan"), 5.0, 6.0, float("inf"), 8.0] * 5)
+    for ste, mode, rounding in itertools.product(REGION_STES, ("mean", "pact", "ae"), ROUNDINGS):
+        fast = _run(x, 0.25, 2, ste, mode, rounding, True, g)
+        _assert_same(fast, _run(x, 0.25, 2, ste, mode, rounding, False, g))
+        y = fast[0]
+        assert y[0].isnan() and y[1] == float("inf") and y[2] == -float("inf")
+
+
+def test_empty_and_zero_dim_inputs() -> None:
+    for x in (torch.empty(0, 3), torch.tensor(0.7), torch.tensor(-0.1)):
+        _assert_same(_run(x, 0.2, 4, "clipped_relu", "mean", "ceil", True), _run(x, 0.2, 4, "clipped_relu", "mean", "ceil", False))
+
+
+def test_non_contiguous_and_channels_last_inputs_and_grads() -> None:
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(6, 8, 10, 12, generator=gen)
+    inputs = {
+        "transposed": base.transpose(1, 3),
+        "sliced": base[:, ::2, 1:, ::3],
+        "channels_last": base.contiguous(memory_format=torch.channels_last),
+        "expanded": torch.randn(1, 8, 10, 1, generator=gen).expand(6, 8, 10, 12),
+    }
+    for name, x in inputs.items():
+        for g in (torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen).transpose(0, 1).contiguous().transpose(0, 1), torch.ones(()).expand(x.shape)):
+            fast = _run(x, 0.3, 3, "clipped_relu", "mean", "ceil", True, g)
+            _assert_same(fast, _run(x, 0.3, 3, "clipped_relu", "mean", "ceil", False, g))
+            assert fast[1].shape == x.shape, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes(dtype: torch.dtype) -> None:
+    x = (_boundary_input(0.1946, 4, n=3000) * 1.1).to(dtype)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    for ste, mode, rounding in itertools.product(REGION_STES, ("mean", "ae"), ROUNDINGS):
+        fast = _run(x, 0.1946, 4, ste, mode, rounding, True, g)
+        eager = _run(x, 0.1946, 4, ste, mode, rounding, False, g)
+        assert fast[0].dtype == dtype and fast[1].dtype == dtype and fast[2].dtype == torch.float32
+        _assert_same(fast, eager)
+
+
+def test_bf16_autocast_on_cpu_matches_eager() -> None:
+    x = torch.randn(4, 16, 9, 9)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+    outs = []
+    for fast in (True, False):
+        a = torch.tensor(0.1946, requires_grad=True)
+        conv.zero_grad()
+        previous = _kernels._state.get("ok")
+        _kernels._state["ok"] = fast
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = quantized_relu(conv(x), a, 4)
+            y.float().square().sum().backward()
+        finally:
+            _kernels._state["ok"] = previous
+        outs.append((y.detach(), conv.weight.grad.clone(), a.grad))
+    assert outs[0][0].dtype == torch.bfloat16
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    torch.testing.assert_close(outs[0][2], outs[1][2], rtol=1e-4, atol=1e-6)
+
+
+def test_large_input_threads_and_alpha_sum() -> None:
+    # Large enough to be split over threads; the alpha gradient sums over all of them.
+    x = torch.randn(3, 64, 57, 61) * 2
+    g = torch.randn(x.shape)
+    fast = _run(x, 0.1946, 4, "clipped_relu", "mean", "ceil", True, g)
+    _assert_same(fast, _run(x, 0.1946, 4, "clipped_relu", "mean", "ceil", False, g))
+
+
+def test_log_tailed_and_registered_proxies_keep_eager_path() -> None:
+    x = torch.randn(100, requires_grad=True)
+    y = quantized_relu(x, torch.tensor(0.2), 4, ste="log_tailed_relu")
+    y.sum().backward()
+    top = 15 * F_ste.ALPHA_FLOOR if False else 15 * 0.2
+    expected = torch.where(x > top, 1.0 / (x - top + 1.0).clamp_min(1.0), (x > 0).float())
+    torch.testing.assert_close(x.grad, expected.detach())
+
+
+def test_torch_compile_uses_eager_formula_and_matches_fast_path() -> None:
+    x = torch.randn(4, 300) * 2
+    g = torch.randn(4, 300)
+
+    def f(xi: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return quantized_relu(xi, a, 4)
+
+    compiled = torch.compile(f, fullgraph=True)
+    results = []
+    for fn in (f, compiled):
+        xi = x.clone().requires_grad_(True)
+        a = torch.tensor(0.1946, requires_grad=True)
+        y = fn(xi, a)
+        y.backward(g)
+        results.append((y.detach(), xi.grad, a.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][2], results[1][2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_binary_weight_kernels_match_eager(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(7)
+    for shape in [(1,), (3, 5), (64, 32, 3, 3), (1000, 513)]:
+        w = torch.randn(shape, generator=gen, dtype=dtype)
+        w.view(-1)[0] = 0.0
+        mean = w.abs().mean()
+        torch.testing.assert_close(_kernels.abs_mean(w), mean, rtol=1e-6, atol=0)
+        q = _kernels.sign_scale(w, mean)
+        assert torch.equal(q, torch.sign(w) * mean)
+        torch.testing.assert_close(F_ste.quantize_weight(w, 1), torch.sign(w) * mean, rtol=1e-6, atol=0)
+        codes, scale = F_ste.weight_codes(w, 1)
+        assert torch.equal(codes, torch.sign(w))
+        torch.testing.assert_close(scale, mean, rtol=1e-6, atol=0)
+    special = torch.tensor([float("nan"), 0.0, -0.0, 2.0, -3.0, float("inf")], dtype=dtype)
+    for w in (special, special[1:5]):
+        expected = torch.sign(w) * w.abs().mean()
+        got = _kernels.sign_scale(w, _kernels.abs_mean(w))
+        assert torch.equal(got.isnan(), expected.isnan())
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
+def test_binary_weight_gradient_still_straight_through() -> None:
+    w = torch.randn(16, 8, 3, 3, requires_grad=True)
+    g = torch.randn(16, 8, 3, 3)
+    F_ste.quantize_weight(w, 1).backward(g)
+    assert torch.equal(w.grad, g)
+    # non-contiguous weights take the eager path and give the same values
+    wt = torch.randn(8, 16).t()
+    torch.testing.assert_close(F_ste.quantize_weight(wt, 1), torch.sign(wt) * wt.abs().mean())
