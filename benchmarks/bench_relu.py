@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(f"torch.relu      fwd+bwd median {statistics.median(relu_t) * 1e3:8.2f} ms")
     print(f"quantized_relu  fwd+bwd median {statistics.median(quant_t) * 1e3:8.2f} ms")
-    print(f"ratio quantized/relu min/median/max {min(ratios):.2f}/{statistics.median(ratios):.2f}/{max(ratios):.2f}")
+    print(
+        f"ratio quantized/relu min/median/max {min(ratios):.2f}/{statistics.median(ratios):.2f}/{max(ratios):.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ CONFIGS = (
     "fp32",
     "A4",
     "W1A4",
+    "W1A4 fused",
     "fp32 compiled",
     "A4 compiled",
     "W1A4 compiled",
@@ -99,8 +100,26 @@ def _quantize_activations(model: nn.Module, bits: int) -> None:
         _replace_relus(model, lambda: QuantReLU(bits=bits))
 
 
-def _quantize_weights(model: nn.Module, bits: int) -> Callable[[], None]:
-    """Binary weights (every conv and linear layer) and the BCGD19 blend to run before each optimizer step."""
+def _quantize_weights(model: nn.Module, bits: int, fused: bool = False) -> Callable[[], None]:
+    """Binary weights (every conv and linear layer) and the BCGD19 blend to run before each optimizer step.
+
+    ``fused``: blend with the one-pass kernel ``lightning_ste._kernels.binary_blend_`` (same values as
+    ``bcgd_blend_`` with binary, mean-scaled weights) instead of recomputing q(W) with torch operations.
+    """
+    if fused:
+        from lightning_ste import _kernels
+        from lightning_ste.weights import quantize_weights_, quantized_layers
+
+        if not _kernels.available():
+            raise Skip("fused CPU kernels unavailable")
+        quantize_weights_(model, bits=bits)
+        weights = [weight for _, _, weight, _ in quantized_layers(model)]
+
+        def fused_blend() -> None:
+            for weight in weights:
+                _kernels.binary_blend_(weight.data, RHO)
+
+        return fused_blend
     try:
         from lightning_ste.blend import bcgd_blend_
         from lightning_ste.weights import quantize_weights_, quantized_layers
@@ -184,9 +203,11 @@ def build(name: str, device: torch.device, channels_last: bool) -> Row:
     base = name.removesuffix(" compiled")
     if base == "A4":
         _quantize_activations(model, 4)
-    elif base == "W1A4":
+    elif base == "W1A4 fused" and device.type != "cpu":
+        raise Skip("the fused blend kernel is CPU-only")
+    elif base in ("W1A4", "W1A4 fused"):
         _quantize_activations(model, 4)
-        after_backward = _quantize_weights(model, 1)
+        after_backward = _quantize_weights(model, 1, fused=base == "W1A4 fused")
     elif name == "brevitas A4":
         _brevitas(model, None)
     elif name == "brevitas W1A4":
@@ -283,7 +304,17 @@ def _read_rss_kib() -> int:
 
 
 def step_peak_rss_mib(stepper: Stepper, row: Row, x: torch.Tensor, target: torch.Tensor) -> float | None:
-    """Peak RSS during one step minus RSS before it (resets the kernel's high-water mark first)."""
+    """Peak RSS during one step minus RSS before it (resets the kernel's high-water mark first).
+
+    On CUDA: the peak of ``torch.cuda.max_memory_allocated`` during one step minus the memory held before it.
+    """
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before_cuda = torch.cuda.memory_allocated()
+        stepper.step(row, x, target)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before_cuda) / 2**20
     if not sys.platform.startswith("linux"):
         return None
     gc.collect()
@@ -305,6 +336,10 @@ def _fmt_bytes(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**20:.1f}"
 
 
+def _on_cuda(row: Row) -> bool:
+    return next(row.model.parameters()).device.type == "cuda"
+
+
 def _ratios(times: list[float], base: list[float]) -> str:
     r = [t / b for t, b in zip(times, base)]
     return f"{min(r):.3f}/{statistics.median(r):.3f}/{max(r):.3f}"
@@ -315,14 +350,18 @@ def render(rows: list[Row], skipped: list[tuple[str, str]], header: str) -> str:
     lines = [header]
     cols = f"{'config':<15} {'ms/step':>8} {'wall ratio min/med/max':>23} {'cpu ratio min/med/max':>22}"
     cols += f" {'saved MiB':>10} {'saved ratio':>11}"
-    cols += f" {'step RSS +MiB':>14}"
+    cols += f" {'step RSS +MiB' if fp32.model.training and not _on_cuda(fp32) else 'step peak MiB':>14}"
     lines.append(cols)
     lines.append("-" * len(cols))
     for row in rows:
         med_ms = statistics.median(row.times) * 1e3
         ratio = _ratios(row.times, fp32.times)
         cpu_ratio = _ratios(row.cpu_times, fp32.cpu_times)
-        sratio = "n/a" if row.saved_bytes is None or not fp32.saved_bytes else f"{row.saved_bytes / fp32.saved_bytes:.3f}"
+        sratio = (
+            "n/a"
+            if row.saved_bytes is None or not fp32.saved_bytes
+            else f"{row.saved_bytes / fp32.saved_bytes:.3f}"
+        )
         rss = "n/a" if row.step_rss_mib is None else f"{row.step_rss_mib:.0f}"
         lines.append(
             f"{row.name:<15} {med_ms:>8.1f} {ratio:>23} {cpu_ratio:>22} {_fmt_bytes(row.saved_bytes):>10} {sratio:>11} {rss:>14}"
@@ -357,7 +396,9 @@ def main(argv: list[str] | None = None) -> str:
     amp = cuda  # 16-mixed on CUDA; CPU runs in float32
     if cuda:
         torch.backends.cudnn.benchmark = True
-    names = list(CONFIGS) if args.only is None else ["fp32"] + [n for n in args.only.split(",") if n != "fp32"]
+    names = (
+        list(CONFIGS) if args.only is None else ["fp32"] + [n for n in args.only.split(",") if n != "fp32"]
+    )
     if args.skip_compile:
         names = [n for n in names if not n.endswith("compiled")]
     warnings.filterwarnings("ignore")
@@ -388,8 +429,7 @@ def main(argv: list[str] | None = None) -> str:
                 row.saved_bytes = saved_bytes(row, x, amp)
             except Exception as err:  # saved-tensor hooks and some compiled graphs do not mix
                 row.note += f" saved bytes n/a: {type(err).__name__}"
-            if not cuda:
-                row.step_rss_mib = step_peak_rss_mib(stepper, row, x, target)
+            row.step_rss_mib = step_peak_rss_mib(stepper, row, x, target)
         except Exception as err:
             skipped.append((name, f"failed: {type(err).__name__}: {err}".splitlines()[0][:100]))
             continue

@@ -238,12 +238,16 @@ at::Tensor abs_mean(const at::Tensor& w) {
     const scalar_t* p = w.data_ptr<scalar_t>();
     at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
       double acc = 0.0;
-      for (int64_t i = b; i < e;) {  // float partial sums over short runs keep the loop vectorized
-        const int64_t stop = std::min(e, i + 4096);
-        scalar_t run = 0;
-        for (; i < stop; ++i) run += std::abs(p[i]);
-        acc += double(run);
+      int64_t i = b;
+      // 16 independent lanes (vectorizable without reassociation), flushed to double every 4096 elements
+      for (; i + 16 <= e;) {
+        scalar_t lane[16] = {0};
+        const int64_t stop = i + std::min<int64_t>((e - i) / 16, 256) * 16;
+        for (; i < stop; i += 16)
+          for (int j = 0; j < 16; ++j) lane[j] += std::abs(p[i + j]);
+        for (int j = 0; j < 16; ++j) acc += double(lane[j]);
       }
+      for (; i < e; ++i) acc += double(std::abs(p[i]));
       part[8 * std::min(at::get_thread_num(), threads)] += acc;
     });
   });
@@ -260,24 +264,99 @@ at::Tensor sign_scale(const at::Tensor& w, const at::Tensor& scale) {
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "sign_scale", [&] {
     const scalar_t* p = w.data_ptr<scalar_t>();
     scalar_t* out = q.data_ptr<scalar_t>();
-    const scalar_t s = scale.item<scalar_t>();
+    // sign(w) * s is one of s, -s and 0 * s (torch.sign(NaN) is 0 too): selects vectorize, products less so
+    const scalar_t s = scale.item<scalar_t>(), ns = -s, zs = scalar_t(0) * s;
     at::parallel_for(0, n, 32768, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) {
+      int64_t i = b;
+      if constexpr (std::is_same<scalar_t, float>::value) {
+#if defined(__AVX512F__)
+        const __m512 vs = _mm512_set1_ps(s), vns = _mm512_set1_ps(ns), vzs = _mm512_set1_ps(zs);
+        const __m512 zero = _mm512_setzero_ps();
+        for (; i + 16 <= e; i += 16) {
+          const __m512 v = _mm512_loadu_ps(p + i);
+          __m512 o = _mm512_mask_mov_ps(vzs, _mm512_cmp_ps_mask(v, zero, _CMP_GT_OQ), vs);
+          o = _mm512_mask_mov_ps(o, _mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), vns);
+          _mm512_storeu_ps(out + i, o);
+        }
+#elif defined(__AVX2__)
+        const __m256 vs = _mm256_set1_ps(s), vns = _mm256_set1_ps(ns), vzs = _mm256_set1_ps(zs);
+        const __m256 zero = _mm256_setzero_ps();
+        for (; i + 8 <= e; i += 8) {
+          const __m256 v = _mm256_loadu_ps(p + i);
+          __m256 o = _mm256_blendv_ps(vzs, vs, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
+          o = _mm256_blendv_ps(o, vns, _mm256_cmp_ps(v, zero, _CMP_LT_OQ));
+          _mm256_storeu_ps(out + i, o);
+        }
+#endif
+      }
+      for (; i < e; ++i) {
         const scalar_t v = p[i];
-        const scalar_t sg = scalar_t((scalar_t(0) < v) - (v < scalar_t(0)));  // torch.sign(NaN) is 0 too
-        out[i] = sg * s;
+        out[i] = v > scalar_t(0) ? s : (v < scalar_t(0) ? ns : zs);
       }
     });
   });
   return q;
 }
 
+// BCGD19 blend for binary weights, in place: w <- w * (1 - rho) + (sign(w) * mean|w|) * rho, in exactly the
+// order of operations (and the float32 rounding) of latent.mul_(1 - rho).add_(q * rho).
+at::Tensor binary_blend_(at::Tensor w, double rho) {
+  TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), "binary_blend_: contiguous CPU tensor");
+  const at::Tensor scale = abs_mean(w);
+  const int64_t n = w.numel();
+  AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "binary_blend_", [&] {
+    scalar_t* p = w.data_ptr<scalar_t>();
+    const scalar_t s = scale.item<scalar_t>(), zs = scalar_t(0) * s;
+    const scalar_t keep = scalar_t(1.0 - rho), r = scalar_t(rho);
+    const scalar_t up = s * r, down = (-s) * r, zero = zs * r;
+    at::parallel_for(0, n, 32768, [=](int64_t b, int64_t e) {
+      int64_t i = b;
+      if constexpr (std::is_same<scalar_t, float>::value) {
+#if defined(__AVX512F__)
+        const __m512 vup = _mm512_set1_ps(up), vdown = _mm512_set1_ps(down), vzero = _mm512_set1_ps(zero);
+        const __m512 vkeep = _mm512_set1_ps(keep), z = _mm512_setzero_ps();
+        for (; i + 16 <= e; i += 16) {
+          const __m512 v = _mm512_loadu_ps(p + i);
+          __m512 qr = _mm512_mask_mov_ps(vzero, _mm512_cmp_ps_mask(v, z, _CMP_GT_OQ), vup);
+          qr = _mm512_mask_mov_ps(qr, _mm512_cmp_ps_mask(v, z, _CMP_LT_OQ), vdown);
+          _mm512_storeu_ps(p + i, _mm512_add_ps(_mm512_mul_ps(v, vkeep), qr));
+        }
+#elif defined(__AVX2__)
+        const __m256 vup = _mm256_set1_ps(up), vdown = _mm256_set1_ps(down), vzero = _mm256_set1_ps(zero);
+        const __m256 vkeep = _mm256_set1_ps(keep), z = _mm256_setzero_ps();
+        for (; i + 8 <= e; i += 8) {
+          const __m256 v = _mm256_loadu_ps(p + i);
+          __m256 qr = _mm256_blendv_ps(vzero, vup, _mm256_cmp_ps(v, z, _CMP_GT_OQ));
+          qr = _mm256_blendv_ps(qr, vdown, _mm256_cmp_ps(v, z, _CMP_LT_OQ));
+          _mm256_storeu_ps(p + i, _mm256_add_ps(_mm256_mul_ps(v, vkeep), qr));
+        }
+#endif
+      }
+      for (; i < e; ++i) {
+        const scalar_t v = p[i];
+        const scalar_t qr = v > scalar_t(0) ? up : (v < scalar_t(0) ? down : zero);
+        p[i] = v * keep + qr;
+      }
+    });
+  });
+  return w;
+}
+
 TORCH_LIBRARY(lightning_ste_kernels, m) {
-  m.def("abs_mean(Tensor w) -> Tensor", &abs_mean);
-  m.def("sign_scale(Tensor w, Tensor scale) -> Tensor", &sign_scale);
-  m.def("qrelu_forward(Tensor x, Tensor alpha, int levels, bool nearest) -> Tensor[]", &qrelu_forward);
-  m.def("qrelu_backward(Tensor g, Tensor code, float m0, float m1, float m2, bool want_gx, bool want_sums) -> Tensor[]",
-        &qrelu_backward);
+  m.def("binary_blend_(Tensor(a!) w, float rho) -> Tensor(a!)");
+  m.def("abs_mean(Tensor w) -> Tensor");
+  m.def("sign_scale(Tensor w, Tensor scale) -> Tensor");
+  m.def("qrelu_forward(Tensor x, Tensor alpha, int levels, bool nearest) -> Tensor[]");
+  m.def("qrelu_backward(Tensor g, Tensor code, float m0, float m1, float m2, bool want_gx, bool want_sums) -> Tensor[]");
+}
+
+// CPU kernels (not CompositeImplicit), so torch.compile can take fake implementations and call them opaquely.
+TORCH_LIBRARY_IMPL(lightning_ste_kernels, CPU, m) {
+  m.impl("binary_blend_", &binary_blend_);
+  m.impl("abs_mean", &abs_mean);
+  m.impl("sign_scale", &sign_scale);
+  m.impl("qrelu_forward", &qrelu_forward);
+  m.impl("qrelu_backward", &qrelu_backward);
 }
 """
 
@@ -287,15 +366,18 @@ _state: dict[str, object] = {}
 
 
 def _flags() -> list[str]:
-    # The kernels are built on the machine that runs them, so they may use its full instruction set.
-    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+    # The kernels are built on the machine that runs them, so they may use its full instruction set; no
+    # fused multiply-add contraction, so every product and sum rounds as in the eager torch formula.
+    return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 
 
 def _build() -> bool:
     from torch.utils import cpp_extension
 
     capability = torch.backends.cpu.get_cpu_capability()
-    digest = hashlib.sha1((_SOURCE + capability + " ".join(_flags()) + torch.__version__).encode()).hexdigest()
+    digest = hashlib.sha1(
+        (_SOURCE + capability + " ".join(_flags()) + torch.__version__).encode()
+    ).hexdigest()
     name = f"lightning_ste_kernels_{digest[:12]}"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -307,7 +389,29 @@ def _build() -> bool:
             is_python_module=False,
             verbose=False,
         )
-    return hasattr(torch.ops.lightning_ste_kernels, "qrelu_forward")
+    if not hasattr(torch.ops.lightning_ste_kernels, "qrelu_forward"):
+        return False
+    try:
+        _register_fakes()
+        _state["compile"] = True
+    except Exception:  # eager use is unaffected; torch.compile then traces the torch formula
+        _state["compile"] = False
+    return True
+
+
+def _register_fakes() -> None:
+    """Shapes of the kernels' outputs for torch.compile, which then calls them as opaque extern kernels."""
+
+    @torch.library.register_fake("lightning_ste_kernels::qrelu_forward")
+    def _forward_fake(x: Tensor, alpha: Tensor, levels: int, nearest: bool) -> list[Tensor]:
+        return [torch.empty_like(x), x.new_empty((2, (x.numel() + 7) // 8), dtype=torch.uint8)]
+
+    @torch.library.register_fake("lightning_ste_kernels::qrelu_backward")
+    def _backward_fake(
+        g: Tensor, code: Tensor, m0: float, m1: float, m2: float, want_gx: bool, want_sums: bool
+    ) -> list[Tensor]:
+        gx = torch.empty_like(g) if want_gx else g.new_empty((0,), dtype=torch.float64)
+        return [gx, g.new_empty((2,), dtype=torch.float64)]
 
 
 def available() -> bool:
@@ -333,13 +437,14 @@ def available() -> bool:
 
 
 def usable(x: Tensor) -> bool:
-    """Whether :func:`relu_forward` handles ``x`` (a CPU float tensor, outside torch.compile tracing)."""
-    return (
-        x.device.type == "cpu"
-        and x.dtype in _DTYPES
-        and not torch.compiler.is_compiling()
-        and available()
-    )
+    """Whether :func:`relu_forward` handles ``x``: a CPU float tensor, outside jit tracing (which must see the
+    torch formula, not an opaque C++ call); under torch.compile only when the kernels are already built."""
+    if x.device.type != "cpu" or x.dtype not in _DTYPES or torch.jit.is_tracing():
+        return False
+    if torch.compiler.is_compiling():
+        # Building inside a traced function is impossible: use the kernels only when already built.
+        return _state.get("ok") is True and _state.get("compile") is True
+    return available()
 
 
 def relu_forward(x: Tensor, a: Tensor, levels: int, nearest: bool) -> tuple[Tensor, Tensor]:
@@ -379,6 +484,7 @@ def weights_usable(w: Tensor) -> bool:
         and w.numel() > 0
         and w.is_contiguous()
         and not torch.compiler.is_compiling()
+        and not torch.jit.is_tracing()
         and available()
     )
 
@@ -391,6 +497,12 @@ def abs_mean(w: Tensor) -> Tensor:
 def sign_scale(w: Tensor, scale: Tensor) -> Tensor:
     """``sign(w) * scale`` in one pass; ``scale`` a 0-dim tensor of ``w``'s dtype."""
     return torch.ops.lightning_ste_kernels.sign_scale(w, scale)
+
+
+def binary_blend_(w: Tensor, rho: float) -> Tensor:
+    """BCGD19 blend of binary weights in place, one read and one write: ``w <- (1 - rho) w + rho q(w)``,
+    ``q(w) = sign(w) * mean|w|``, rounded exactly as ``w.mul_(1 - rho).add_(q * rho)``."""
+    return torch.ops.lightning_ste_kernels.binary_blend_(w, float(rho))
 
 
 def code_planes(x: Tensor, top: Tensor) -> Tensor:

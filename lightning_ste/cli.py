@@ -94,7 +94,9 @@ class LightningSTECLI(LightningCLI):
 
     def after_fit(self) -> None:
         self.final_metrics = {
-            k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/") and v.numel() == 1
+            k: float(v)
+            for k, v in self.trainer.callback_metrics.items()
+            if k.startswith("val/") and v.numel() == 1
         }
         self._print_table()
 
@@ -124,7 +126,9 @@ def run_cli(args: Sequence[str] | None = None, run: bool = True) -> LightningSTE
         figures.main(argv[1:])
         return None
     if ensure_wandb_does_not_prompt():
-        print("lightning-ste: no W&B credentials found, W&B runs offline (WANDB_MODE=offline)", file=sys.stderr)
+        print(
+            "lightning-ste: no W&B credentials found, W&B runs offline (WANDB_MODE=offline)", file=sys.stderr
+        )
     try:
         return LightningSTECLI(
             subclass_mode_model=True,

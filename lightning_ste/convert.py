@@ -76,12 +76,22 @@ def check_activation_arguments(
     F_ste.check_quantized_relu_args(bits, ste, alpha_grad, alpha_lr_scale, rounding)
     if isinstance(alpha, str):
         if alpha not in ALPHA_CHOICES:
-            raise ValueError(f"unknown `alpha` {alpha!r}; allowed: 'learned', 'fixed', 'calibrate' or a number > 0")
-    elif isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(
+                f"unknown `alpha` {alpha!r}; allowed: 'learned', 'fixed', 'calibrate' or a number > 0"
+            )
+    elif (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not (math.isfinite(alpha) and alpha > 0)
+    ):
         raise ValueError(
             f"`alpha` must be one of 'learned', 'fixed', 'calibrate' or a finite number > 0, got {alpha!r}"
         )
-    if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+    if (
+        isinstance(calibration_batches, bool)
+        or not isinstance(calibration_batches, int)
+        or calibration_batches < 1
+    ):
         raise ValueError(f"`calibration_batches` must be an int >= 1, got {calibration_batches!r}")
     inc, exc = check_patterns(include, "include"), check_patterns(exclude, "exclude")
     return {
@@ -357,7 +367,9 @@ def plan_activations(
                 parent = owner.get_submodule(prefix)
                 if _is_relu_module(parent._modules.get(attr)):
                     location = locations[(id(parent), attr)]
-                    calls.setdefault(location, []).append((owner_name, node, bool(parent._modules[attr].inplace)))
+                    calls.setdefault(location, []).append(
+                        (owner_name, node, bool(parent._modules[attr].inplace))
+                    )
             elif (found := _function_site(node)) is not None:
                 functional.append((owner_name, node, *found))
 
@@ -434,7 +446,11 @@ def _select(sites: list[Site], include: list[str] | None, exclude: list[str] | N
     included, _, unmatched = select_names(every, include, None)
     _, excluded, _ = select_names(every, None, exclude)
     inc, exc = set(included), set(excluded)
-    chosen = [s for s in sites if any(c in inc for c in candidates[s.name]) and not any(c in exc for c in candidates[s.name])]
+    chosen = [
+        s
+        for s in sites
+        if any(c in inc for c in candidates[s.name]) and not any(c in exc for c in candidates[s.name])
+    ]
     return chosen, unmatched
 
 
@@ -630,7 +646,9 @@ def apply_recipe(module: nn.Module, recipe: dict[str, Any]) -> list[str]:
     if not isinstance(recipe, dict) or recipe.get("kind") != RECIPE_KIND:
         raise ValueError(f"not an activations recipe: {recipe!r}")
     if recipe.get("version") != RECIPE_VERSION:
-        raise ValueError(f"unsupported activations recipe version {recipe.get('version')!r}; known: {RECIPE_VERSION}")
+        raise ValueError(
+            f"unsupported activations recipe version {recipe.get('version')!r}; known: {RECIPE_VERSION}"
+        )
     arguments = dict(recipe["arguments"])
     recorded = list(recipe["sites"])
     plan = plan_activations(module, **{**arguments, "include": None, "exclude": None})

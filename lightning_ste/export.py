@@ -146,7 +146,9 @@ def freeze(model: nn.Module) -> nn.Module:
     return frozen.eval()
 
 
-def to_onnx(model: nn.Module, example_input: Tensor | tuple[Tensor, ...], path: str | os.PathLike, **kwargs: Any):
+def to_onnx(
+    model: nn.Module, example_input: Tensor | tuple[Tensor, ...], path: str | os.PathLike, **kwargs: Any
+):
     """Export :func:`freeze` ``(model)`` to an ONNX file at ``path``; returns the path.
 
     Uses the TorchScript exporter (``dynamo=False``) and falls back to the dynamo exporter if that one is
@@ -255,7 +257,11 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
         if pname in latent:
             w, quantizer = latent[pname]
             codes, scale = F_ste.weight_codes(
-                w.detach(), quantizer.bits, quantizer.per_channel, quantizer.ternary_scale, quantizer.binary_scale
+                w.detach(),
+                quantizer.bits,
+                quantizer.per_channel,
+                quantizer.ternary_scale,
+                quantizer.binary_scale,
             )
         else:
             codes, scale = _codes_from_frozen(param.detach(), settings)

@@ -95,7 +95,9 @@ FIGURES = {"ylz19-fig1": ylz19_fig1}
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``figure NAME --out PATH``: draw one of :data:`FIGURES`."""
-    parser = argparse.ArgumentParser(prog="lightning-ste figure", description="Redraw a figure of the papers.")
+    parser = argparse.ArgumentParser(
+        prog="lightning-ste figure", description="Redraw a figure of the papers."
+    )
     parser.add_argument("name", choices=sorted(FIGURES))
     parser.add_argument("--out", default=None, help="PNG path (default: <name>.png)")
     parser.add_argument("--seed", type=int, default=0)

@@ -129,11 +129,11 @@ class _QuantizedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         x, alpha, code, y = ctx.saved_tensors
+        if ctx.packed:
+            return _QuantizedReLU._packed_backward(ctx, grad_y, alpha, code, y)
         a = alpha.detach().float().clamp_min(ALPHA_FLOOR)
         levels = 2**ctx.bits - 1
         grad_x = grad_alpha = None
-        if ctx.packed:
-            return _QuantizedReLU._packed_backward(ctx, grad_y, alpha, a, code, y)
         if ctx.needs_input_grad[0]:
             if ctx.regions is None:
                 compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
@@ -156,7 +156,7 @@ class _QuantizedReLU(torch.autograd.Function):
         return grad_x, grad_alpha, None, None, None, None, None
 
     @staticmethod
-    def _packed_backward(ctx, grad_y: Tensor, alpha: Tensor, a: Tensor, code: Tensor | None, y: Tensor | None):
+    def _packed_backward(ctx, grad_y: Tensor, alpha: Tensor, code: Tensor | None, y: Tensor | None):
         # One fused pass gives grad_y * m[region] and the sums of grad_y over the inside/above regions.
         mult = ctx.regions if ctx.needs_input_grad[0] and ctx.regions != (1.0, 1.0, 1.0) else None
         want_sums = ctx.needs_input_grad[1] and ctx.alpha_grad != "ae"
@@ -168,6 +168,7 @@ class _QuantizedReLU(torch.autograd.Function):
         grad_alpha = None
         if ctx.needs_input_grad[1]:
             if ctx.alpha_grad == "ae":
+                a = alpha.detach().float().clamp_min(ALPHA_FLOOR)
                 total = (grad_y.float() * y.float()).sum() / a
             else:
                 inside_w, above_w = _alpha_grad_weights(ctx.alpha_grad, ctx.bits)

@@ -8,6 +8,8 @@ channel) at the weight's dtype width. Ternary weights count 2 bits (their packed
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -58,6 +60,7 @@ class LayerSummary:
     params: int
     weight_bits: int | None  # None: no weight; 32 (the dtype width) for a float weight
     weight_quantized: bool
+    quantized_params: int  # elements of the quantized weight (0 for float layers)
     activation_bits: int | None  # bits of a QuantReLU, None for other layers
     fp32_bits: int
     quantized_bits: int
@@ -75,7 +78,7 @@ class QuantModelSummary:
 
     @property
     def quantized_params(self) -> int:
-        return sum(r.params for r in self.layers if r.weight_quantized)
+        return sum(r.quantized_params for r in self.layers)
 
     @property
     def fp32_bytes(self) -> float:
@@ -113,14 +116,14 @@ class QuantModelSummary:
         lines += [" | ".join(v.ljust(w) for v, w in zip(row, widths)) for row in rows]
         lines.append("-" * len(lines[0]))
         n_act = sum(r.activation_bits is not None for r in self.layers)
+        n_weights = sum(r.weight_quantized for r in self.layers)
         lines += [
-            f"{_human_count(self.total_params):<10} Total params",
-            f"{_human_count(self.quantized_params):<10} Quantized weights "
-            f"({sum(r.weight_quantized for r in self.layers)} layers)",
-            f"{n_act:<10} Activation quantizers",
-            f"{self.fp32_bytes / 1e6:<10.3f} Model size at fp32 (MB)",
-            f"{self.quantized_bytes / 1e6:<10.3f} Model size at the real bit-widths (MB)",
-            f"{self.compression:<10.2f} Compression (fp32 / quantized)",
+            f"{self.total_params:<12,} Total params",
+            f"{self.quantized_params:<12,} Quantized weights ({n_weights} layers)",
+            f"{n_act:<12} Activation quantizers",
+            f"{self.fp32_bytes / 1e6:<12.3f} Model size at fp32 (MB)",
+            f"{self.quantized_bytes / 1e6:<12.3f} Model size at the real bit-widths (MB)",
+            f"{self.compression:<12.2f} Compression (fp32 / quantized)",
         ]
         return "\n".join(lines)
 
@@ -143,12 +146,13 @@ def _human_bytes(n: float) -> str:
 
 
 def _layer_row(name: str, module: nn.Module) -> LayerSummary | None:
-    params = fp32 = quant = 0
+    params = fp32 = quant = quantized = 0
     weight_bits: int | None = None
     quantizer = weight_quantizer(module)
     if quantizer is not None:
         w = module.parametrizations.weight.original
         params += w.numel()
+        quantized = w.numel()
         weight_bits = quantizer.bits
         fp32 += FP32_BITS * w.numel()
         # Ternary codes take 2 bits, b-bit codes b bits; the scales stay at the weight's width.
@@ -163,7 +167,9 @@ def _layer_row(name: str, module: nn.Module) -> LayerSummary | None:
         for tname, plist in module.parametrizations.items():
             if tname == "weight" and quantizer is not None:
                 continue
-            originals = [plist.original] if hasattr(plist, "original") else list(plist.parameters(recurse=False))
+            originals = (
+                [plist.original] if hasattr(plist, "original") else list(plist.parameters(recurse=False))
+            )
             params += sum(o.numel() for o in originals)
             tensors += originals
             if tname == "weight":
@@ -182,10 +188,12 @@ def _layer_row(name: str, module: nn.Module) -> LayerSummary | None:
         return None
     return LayerSummary(
         name=name,
-        type=type(module).__name__,
+        # A parametrized layer's class is the generated ``Parametrized<Layer>``: show the layer's own class.
+        type=(type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)).__name__,
         params=params,
         weight_bits=weight_bits,
         weight_quantized=quantizer is not None,
+        quantized_params=quantized,
         activation_bits=module.bits if is_act else None,
         fp32_bits=fp32,
         quantized_bits=quant,
@@ -227,3 +235,14 @@ class QuantSummary(Callback):
             return
         self.last_summary = summary(pl_module)
         rank_zero_info("\n" + str(self.last_summary))
+
+
+class _CallableModule(types.ModuleType):
+    """``lightning_ste.summary`` is both this module and the function: the package attribute resolves to the
+    submodule once it is imported, so calling the module calls :func:`summary`."""
+
+    def __call__(self, model: nn.Module) -> QuantModelSummary:
+        return summary(model)
+
+
+sys.modules[__name__].__class__ = _CallableModule

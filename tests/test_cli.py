@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch.utils import cpp_extension
 
 from lightning_ste import QuantReLU
 from lightning_ste.cli import ensure_wandb_does_not_prompt, format_metrics_table, run_cli
-from lightning_ste.figures import one_step_losses
 from lightning_ste.data.synthetic import teacher_student
+from lightning_ste.figures import one_step_losses
 
 REPO = Path(__file__).resolve().parents[1]
 TWOLAYER = str(REPO / "recipes" / "mnist" / "twolayer.yaml")
@@ -22,24 +23,55 @@ TWOLAYER = str(REPO / "recipes" / "mnist" / "twolayer.yaml")
 
 def small_mnist(mnist_root: Path, tmp_path: Path) -> list[str]:
     return [
-        "--data.root", str(mnist_root), "--data.subset", "512", "--data.val_subset", "256",
-        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false", "--trainer.logger.init_args.save_dir", str(tmp_path),
-        "--checkpoint.dirpath", str(tmp_path / "ckpt"),
+        "--data.root",
+        str(mnist_root),
+        "--data.subset",
+        "512",
+        "--data.val_subset",
+        "256",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path),
+        "--checkpoint.dirpath",
+        str(tmp_path / "ckpt"),
     ]
 
 
-def test_console_script_fit_with_overrides_prints_table_and_never_prompts(mnist_root: Path, tmp_path: Path) -> None:
+def test_console_script_fit_with_overrides_prints_table_and_never_prompts(
+    mnist_root: Path, tmp_path: Path
+) -> None:
     # No credentials anywhere: no API key, a HOME without .netrc, no WANDB_MODE. stdin closed: a prompt would fail.
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_") and k != "NETRC"}
     env["HOME"] = str(tmp_path)
+    # Keep the on-disk cache of the package's compiled CPU kernels (under the real HOME by default).
+    env["TORCH_EXTENSIONS_DIR"] = os.path.dirname(cpp_extension._get_build_directory("lightning_ste", False))
     cmd = [
-        "lightning-ste", "fit", "--config", TWOLAYER, *small_mnist(mnist_root, tmp_path),
-        "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4", "--trainer.log_every_n_steps", "1",
-        "--activations.ste", "identity", "--model.lr", "0.05", "--model.arch_kwargs.hidden", "64",
+        "lightning-ste",
+        "fit",
+        "--config",
+        TWOLAYER,
+        *small_mnist(mnist_root, tmp_path),
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "4",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--activations.ste",
+        "identity",
+        "--model.lr",
+        "0.05",
+        "--model.arch_kwargs.hidden",
+        "64",
     ]
-    proc = subprocess.run(cmd, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=240)
+    proc = subprocess.run(
+        cmd, env=env, cwd=tmp_path, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "W&B runs offline" in proc.stderr
     out = proc.stdout
@@ -57,7 +89,13 @@ def test_console_script_fit_with_overrides_prints_table_and_never_prompts(mnist_
 def test_fast_dev_run_in_process_then_validate_from_checkpoint(
     mnist_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    common = ["--config", TWOLAYER, *small_mnist(mnist_root, tmp_path), "--activations.ste", "log_tailed_relu"]
+    common = [
+        "--config",
+        TWOLAYER,
+        *small_mnist(mnist_root, tmp_path),
+        "--activations.ste",
+        "log_tailed_relu",
+    ]
     cli = run_cli(["fit", *common, "--trainer.fast_dev_run", "2"])
     quant = [m for m in cli.model.modules() if isinstance(m, QuantReLU)]
     assert len(quant) == 1 and quant[0].ste == "log_tailed_relu" and quant[0].bits == 2
@@ -114,7 +152,10 @@ def test_coarse_gradient_step_is_descent_for_monotone_stes_on_many_samples() -> 
     w_star /= w_star.norm()
     v_star = torch.randn(20, generator=g, dtype=torch.float64)
     z, y = teacher_student(w_star, v_star, 1000, g)
-    v0, w0 = torch.randn(20, generator=g, dtype=torch.float64), torch.randn(10, generator=g, dtype=torch.float64)
+    v0, w0 = (
+        torch.randn(20, generator=g, dtype=torch.float64),
+        torch.randn(10, generator=g, dtype=torch.float64),
+    )
     etas = torch.tensor([0.0, 1e-3, 1e-2], dtype=torch.float64)
     for ste in ("relu", "clipped_relu"):
         _, losses = one_step_losses(z, y, v0, w0, ste, etas)
@@ -122,7 +163,8 @@ def test_coarse_gradient_step_is_descent_for_monotone_stes_on_many_samples() -> 
 
 
 def test_module_entry_point_lists_subcommands() -> None:
-    proc = subprocess.run([sys.executable, "-m", "lightning_ste.cli", "--help"], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightning_ste.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0
     assert all(s in proc.stdout for s in ("fit", "validate", "test", "predict"))

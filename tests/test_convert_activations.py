@@ -80,7 +80,9 @@ EXPECTED_SITES = [
 
 def on_grid(y: torch.Tensor, q: QuantReLU) -> bool:
     k = y.detach().double() / q.alpha.detach().double().clamp_min(1e-3)
-    return bool(((k - k.round()).abs() < 1e-4).all() and (k.round() >= 0).all() and (k.round() <= q.levels).all())
+    return bool(
+        ((k - k.round()).abs() < 1e-4).all() and (k.round() >= 0).all() and (k.round() <= q.levels).all()
+    )
 
 
 def test_every_relu_form_becomes_its_own_quantizer():
@@ -121,7 +123,9 @@ def test_in_place_relu_semantics_are_kept():
     h = q[0](m.fc1(x))
     expected = m.fc2(q[1](h - 0.1) + q[2](h - 0.2) + q[3](h - 0.3) + q[4](h - 0.4) + q[5](h - 0.5))
     assert torch.equal(m(x), expected)
-    assert not torch.equal(m(x), m.fc2(q[1](h - 0.1) + q[2](h - 0.2) + (h - 0.3) + q[4](h - 0.4) + q[5](h - 0.5)))
+    assert not torch.equal(
+        m(x), m.fc2(q[1](h - 0.1) + q[2](h - 0.2) + (h - 0.3) + q[4](h - 0.4) + q[5](h - 0.5))
+    )
 
 
 def test_resnet18_gets_one_quantizer_per_call_site():

@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(not _kernels.available(), reason="fused CPU kern
 REGION_STES = ("identity", "relu", "clipped_relu")
 
 
-def _run(x: torch.Tensor, alpha: float, bits: int, ste: str, alpha_grad: str, rounding: str, fast: bool, g=None):
+def _run(
+    x: torch.Tensor, alpha: float, bits: int, ste: str, alpha_grad: str, rounding: str, fast: bool, g=None
+):
     """y, grad_x, grad_alpha and the saved tensors of one call, with the fused kernels on or off."""
     xi = x.detach().clone().requires_grad_(True)
     a = torch.tensor(alpha, requires_grad=True)
@@ -36,7 +38,9 @@ def _run(x: torch.Tensor, alpha: float, bits: int, ste: str, alpha_grad: str, ro
     _kernels._state["ok"] = fast
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = quantized_relu(xi, a, bits, ste=ste, alpha_grad=alpha_grad, alpha_lr_scale=0.01, rounding=rounding)
+            y = quantized_relu(
+                xi, a, bits, ste=ste, alpha_grad=alpha_grad, alpha_lr_scale=0.01, rounding=rounding
+            )
         y.backward(torch.ones_like(y) if g is None else g)
     finally:
         _kernels._state["ok"] = previous
@@ -110,7 +114,10 @@ def test_nan_inf_and_signed_zero() -> None:
 
 def test_empty_and_zero_dim_inputs() -> None:
     for x in (torch.empty(0, 3), torch.tensor(0.7), torch.tensor(-0.1)):
-        _assert_same(_run(x, 0.2, 4, "clipped_relu", "mean", "ceil", True), _run(x, 0.2, 4, "clipped_relu", "mean", "ceil", False))
+        _assert_same(
+            _run(x, 0.2, 4, "clipped_relu", "mean", "ceil", True),
+            _run(x, 0.2, 4, "clipped_relu", "mean", "ceil", False),
+        )
 
 
 def test_non_contiguous_and_channels_last_inputs_and_grads() -> None:
@@ -123,7 +130,11 @@ def test_non_contiguous_and_channels_last_inputs_and_grads() -> None:
         "expanded": torch.randn(1, 8, 10, 1, generator=gen).expand(6, 8, 10, 12),
     }
     for name, x in inputs.items():
-        for g in (torch.randn(x.shape, generator=gen), torch.randn(x.shape, generator=gen).transpose(0, 1).contiguous().transpose(0, 1), torch.ones(()).expand(x.shape)):
+        for g in (
+            torch.randn(x.shape, generator=gen),
+            torch.randn(x.shape, generator=gen).transpose(0, 1).contiguous().transpose(0, 1),
+            torch.ones(()).expand(x.shape),
+        ):
             fast = _run(x, 0.3, 3, "clipped_relu", "mean", "ceil", True, g)
             _assert_same(fast, _run(x, 0.3, 3, "clipped_relu", "mean", "ceil", False, g))
             assert fast[1].shape == x.shape, name
@@ -227,3 +238,56 @@ def test_binary_weight_gradient_still_straight_through() -> None:
     # non-contiguous weights take the eager path and give the same values
     wt = torch.randn(8, 16).t()
     torch.testing.assert_close(F_ste.quantize_weight(wt, 1), torch.sign(wt) * wt.abs().mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_binary_blend_matches_eager_formula(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(11)
+    for rho in (1e-5, 0.01, 0.5, 1.0):
+        w = torch.randn(37, 129, generator=gen, dtype=dtype)
+        w[0, :3] = 0.0
+        q = torch.sign(w) * _kernels.abs_mean(w)
+        expected = w.clone().mul_(1 - rho).add_(q * rho)
+        got = _kernels.binary_blend_(w, rho)
+        assert got is w
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_records_the_torch_formula() -> None:
+    # A traced graph must not hold the opaque C++ op (ONNX and TorchScript could not run it elsewhere).
+    def f(x: torch.Tensor) -> torch.Tensor:
+        return quantized_relu(x, torch.tensor(0.2), 4)
+
+    traced = torch.jit.trace(f, torch.randn(8, 5), check_trace=False)
+    assert "lightning_ste_kernels" not in str(traced.graph)
+    x = torch.randn(8, 5)
+    assert torch.equal(traced(x), f(x))
+
+
+def test_torch_compile_calls_the_kernels_forward_and_backward() -> None:
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    graphs: list[str] = []
+
+    def record(gm: torch.fx.GraphModule, inputs):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    def backend(gm: torch.fx.GraphModule, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=record, bw_compiler=record)
+
+    def f(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return quantized_relu(x, a, 4)
+
+    x = torch.randn(4, 300) * 2
+    g = torch.randn(4, 300)
+    fast = _run(x, 0.1946, 4, "clipped_relu", "mean", "ceil", True, g)
+    xi = x.clone().requires_grad_(True)
+    a = torch.tensor(0.1946, requires_grad=True)
+    y = torch.compile(f, backend=backend, fullgraph=True)(xi, a)
+    y.backward(g)
+    assert len(graphs) == 2 and all("lightning_ste_kernels" in s for s in graphs)
+    assert torch.equal(y.detach(), fast[0]) and torch.equal(xi.grad, fast[1])
+    torch.testing.assert_close(a.grad, fast[2])

@@ -23,8 +23,13 @@ from lightning_ste.models import ARCHITECTURES, Classifier, LeNet5, TeacherStude
 
 @pytest.mark.parametrize(
     ("arch", "shape"),
-    [("twolayer", (3, 784)), ("lenet5", (3, 1, 28, 28)), ("vgg11", (3, 3, 32, 32)), ("resnet20", (3, 3, 32, 32)),
-     ("resnet18", (3, 3, 64, 64))],
+    [
+        ("twolayer", (3, 784)),
+        ("lenet5", (3, 1, 28, 28)),
+        ("vgg11", (3, 3, 32, 32)),
+        ("resnet20", (3, 3, 32, 32)),
+        ("resnet18", (3, 3, 64, 64)),
+    ],
 )
 def test_networks_output_class_scores(arch: str, shape: tuple[int, ...]) -> None:
     net = build_network(arch, num_classes=7).eval()
@@ -61,10 +66,14 @@ def test_init_from_loads_float_weights_strictly(tmp_path: Path) -> None:
     assert torch.equal(dst.net.conv1.weight, src.net.conv1.weight)
     assert "init_from" not in dst.hparams  # a model rebuilt from its checkpoint does not need the file
     torch.save(src.net.state_dict(), tmp_path / "bare.pt")  # a bare network state_dict works too
-    assert torch.equal(Classifier(arch="lenet5", init_from=str(tmp_path / "bare.pt")).net.fc3.bias, src.net.fc3.bias)
+    assert torch.equal(
+        Classifier(arch="lenet5", init_from=str(tmp_path / "bare.pt")).net.fc3.bias, src.net.fc3.bias
+    )
     with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
         Classifier(arch="twolayer", init_from=str(path))
-    torch.save({"state_dict": src.state_dict(), "lightning_ste": {"recipes": [{"kind": "activations"}]}}, path)
+    torch.save(
+        {"state_dict": src.state_dict(), "lightning_ste": {"recipes": [{"kind": "activations"}]}}, path
+    )
     with pytest.raises(ValueError, match="already quantized"):
         Classifier(arch="lenet5", init_from=str(path))
 

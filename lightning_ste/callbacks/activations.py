@@ -12,7 +12,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_ste.convert import apply_plan, check_activation_arguments, find_recipe, format_plan, plan_activations
+from lightning_ste.convert import (
+    apply_plan,
+    check_activation_arguments,
+    find_recipe,
+    format_plan,
+    plan_activations,
+)
 from lightning_ste.modules import QuantReLU
 
 __all__ = ["QuantizeActivations"]
@@ -93,7 +99,9 @@ class QuantizeActivations(Callback):
         if not missing:
             return
         if not trainer.optimizers:
-            rank_zero_warn(f"QuantizeActivations: no optimizer, so {len(missing)} learned alpha(s) will not train.")
+            rank_zero_warn(
+                f"QuantizeActivations: no optimizer, so {len(missing)} learned alpha(s) will not train."
+            )
             return
         optimizer = trainer.optimizers[0]
         optimizer.add_param_group({"params": missing, "weight_decay": 0.0})
@@ -109,7 +117,9 @@ class QuantizeActivations(Callback):
                 f" them to optimizer 0 as a new param group (lr={group['lr']}, weight_decay=0)."
             )
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int):
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ):
         self._calibrating = [(q, q.calibrated_batches) for q in self._quantizers(pl_module) if q.calibrating]
 
     @torch.no_grad()
@@ -124,8 +134,12 @@ class QuantizeActivations(Callback):
             for q, value in zip(changed, gathered.reshape(-1, len(changed)).amax(0)):
                 q.alpha.copy_(value)
 
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        checkpoint["lightning_ste"] = {"recipes": copy.deepcopy(getattr(pl_module, "_lightning_ste_recipes", []))}
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict
+    ) -> None:
+        checkpoint["lightning_ste"] = {
+            "recipes": copy.deepcopy(getattr(pl_module, "_lightning_ste_recipes", []))
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"arguments": copy.deepcopy(self._arguments), "sites": list(self.sites)}

@@ -33,7 +33,9 @@ def read_cifar10(root: Path, train: bool) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(np.concatenate(xs)), torch.tensor(ys, dtype=torch.long)
 
 
-def write_cifar10(root: Path, train: tuple[np.ndarray, list[int]], test: tuple[np.ndarray, list[int]]) -> None:
+def write_cifar10(
+    root: Path, train: tuple[np.ndarray, list[int]], test: tuple[np.ndarray, list[int]]
+) -> None:
     """Write images (N, 3, 32, 32) uint8 and labels in the CIFAR-10 python format (for tests and small demos)."""
     folder = Path(root) / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
@@ -94,7 +96,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         if (self.root / FOLDER / "test_batch").exists():
             return
         if not self.hparams.download:
-            raise FileNotFoundError(f"CIFAR-10 not found: expected {self.root / FOLDER} (or set download=True)")
+            raise FileNotFoundError(
+                f"CIFAR-10 not found: expected {self.root / FOLDER} (or set download=True)"
+            )
         from torchvision.datasets import CIFAR10
 
         CIFAR10(str(self.root), train=True, download=True)
@@ -114,8 +118,12 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
-            data, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(), persistent_workers=workers > 0,
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=workers > 0,
             drop_last=shuffle and len(data) >= 2 * batch_size,
         )
 

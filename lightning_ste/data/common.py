@@ -30,6 +30,8 @@ def subset_indices(n: int, size: int | None, seed: int) -> Tensor | None:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
 
 
-def tensor_loader(x: Tensor, y: Tensor, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+def tensor_loader(
+    x: Tensor, y: Tensor, batch_size: int, shuffle: bool, drop_last: bool = False
+) -> DataLoader:
     """A DataLoader over in-memory tensors (no workers: indexing a tensor is cheaper than a worker hop)."""
     return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)

@@ -60,13 +60,22 @@ class ImageNetDataModule(pl.LightningDataModule):
         self._check_layout()
         normalize = transforms.Normalize(MEAN, STD)
         hp = self.hparams
-        train_tf = transforms.Compose([
-            transforms.RandomResizedCrop(hp.crop_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-            normalize,
-        ])
-        val_tf = transforms.Compose([
-            transforms.Resize(hp.resize_size), transforms.CenterCrop(hp.crop_size), transforms.ToTensor(), normalize,
-        ])
+        train_tf = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(hp.crop_size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                normalize,
+            ]
+        )
+        val_tf = transforms.Compose(
+            [
+                transforms.Resize(hp.resize_size),
+                transforms.CenterCrop(hp.crop_size),
+                transforms.ToTensor(),
+                normalize,
+            ]
+        )
         if stage in (None, "fit"):
             self.train_data = self._subset(ImageFolder(str(self.root / "train"), train_tf), hp.subset)
         self.val_data = self._subset(ImageFolder(str(self.root / "val"), val_tf), hp.val_subset)
@@ -79,10 +88,14 @@ class ImageNetDataModule(pl.LightningDataModule):
         hp = self.hparams
         workers = hp.num_workers
         return DataLoader(
-            data, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and workers > 0,
-            prefetch_factor=hp.prefetch_factor if workers > 0 else None, drop_last=shuffle,
+            prefetch_factor=hp.prefetch_factor if workers > 0 else None,
+            drop_last=shuffle,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
-import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.datasets import MNIST
@@ -36,7 +35,9 @@ class MNISTDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if batch_size < 1 or val_batch_size < 1:
-            raise ValueError(f"`batch_size` and `val_batch_size` must be >= 1, got {batch_size}, {val_batch_size}")
+            raise ValueError(
+                f"`batch_size` and `val_batch_size` must be >= 1, got {batch_size}, {val_batch_size}"
+            )
         self.save_hyperparameters()
         self.root = resolve_root(root)
 

@@ -9,10 +9,17 @@ from torch.utils.data import DataLoader
 
 from lightning_ste.data.common import tensor_loader
 
-__all__ = ["OrthogonalSubspacesDataModule", "TeacherStudentDataModule", "orthogonal_subspaces", "teacher_student"]
+__all__ = [
+    "OrthogonalSubspacesDataModule",
+    "TeacherStudentDataModule",
+    "orthogonal_subspaces",
+    "teacher_student",
+]
 
 
-def orthogonal_subspaces(num_classes: int, dim: int, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def orthogonal_subspaces(
+    num_classes: int, dim: int, n: int, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """``n`` points of R^(K*d): class k lives in coordinates ``k*d .. (k+1)*d - 1``, N(0, I_d) there (SPEC §4).
 
     The classes are zero-mean and their subspaces mutually orthogonal, so no linear classifier separates
@@ -42,11 +49,22 @@ class OrthogonalSubspacesDataModule(pl.LightningDataModule):
     """
 
     def __init__(
-        self, num_classes: int = 10, dim: int = 5, n_train: int = 2000, n_val: int = 2000, batch_size: int = 100,
-        val_on_train: bool = False, seed: int = 0,
+        self,
+        num_classes: int = 10,
+        dim: int = 5,
+        n_train: int = 2000,
+        n_val: int = 2000,
+        batch_size: int = 100,
+        val_on_train: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("num_classes", num_classes), ("dim", dim), ("n_train", n_train), ("n_val", n_val)):
+        for name, value in (
+            ("num_classes", num_classes),
+            ("dim", dim),
+            ("n_train", n_train),
+            ("n_val", n_val),
+        ):
             if value < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {value}")
         self.save_hyperparameters()
@@ -79,7 +97,12 @@ class TeacherStudentDataModule(pl.LightningDataModule):
     """Gaussian ``Z`` (m x n) with teacher labels ``v*^T 1{Z w* > 0}``, ``|w*| = 1`` (YLZ19 §3.1)."""
 
     def __init__(
-        self, m: int = 20, n: int = 10, n_train: int = 1000, n_val: int = 10000, batch_size: int = 1000,
+        self,
+        m: int = 20,
+        n: int = 10,
+        n_train: int = 1000,
+        n_val: int = 10000,
+        batch_size: int = 1000,
         seed: int = 0,
     ) -> None:
         super().__init__()

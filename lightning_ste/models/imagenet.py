@@ -20,7 +20,9 @@ def _local_weights(weights: str) -> Path | None:
     return path if path.exists() else None
 
 
-def resnet18(num_classes: int = 1000, weights: str | None = None, download_weights: bool = False) -> nn.Module:
+def resnet18(
+    num_classes: int = 1000, weights: str | None = None, download_weights: bool = False
+) -> nn.Module:
     """torchvision ResNet-18; ``weights`` (e.g. ``"IMAGENET1K_V1"``) loads torchvision's float weights.
 
     The weights are read from the torch hub cache; with ``download_weights=True`` they are fetched when
@@ -40,7 +42,9 @@ def resnet18(num_classes: int = 1000, weights: str | None = None, download_weigh
     try:
         state = member.get_state_dict(progress=False)
     except Exception as err:  # no network: fall back to random init, loudly
-        warnings.warn(f"could not load torchvision ResNet18_Weights.{weights} ({err}): random init", stacklevel=2)
+        warnings.warn(
+            f"could not load torchvision ResNet18_Weights.{weights} ({err}): random init", stacklevel=2
+        )
         return model
     if num_classes != 1000:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}

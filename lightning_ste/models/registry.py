@@ -14,7 +14,13 @@ from lightning_ste.models.vgg import VGG11
 
 __all__ = ["ARCHITECTURES", "build_network"]
 
-ARCHITECTURES = {"twolayer": TwoLayer, "lenet5": LeNet5, "vgg11": VGG11, "resnet20": ResNet20, "resnet18": resnet18}
+ARCHITECTURES = {
+    "twolayer": TwoLayer,
+    "lenet5": LeNet5,
+    "vgg11": VGG11,
+    "resnet20": ResNet20,
+    "resnet18": resnet18,
+}
 
 
 def build_network(arch: str, num_classes: int, **kwargs: Any) -> nn.Module:

@@ -14,7 +14,9 @@ class TwoLayer(nn.Module):
     fixed resolution of SPEC §1.3 applies (YLZ19's device, ours for this network).
     """
 
-    def __init__(self, in_features: int = 784, hidden: int = 1024, num_classes: int = 10, batch_norm: bool = True):
+    def __init__(
+        self, in_features: int = 784, hidden: int = 1024, num_classes: int = 10, batch_norm: bool = True
+    ):
         super().__init__()
         self.flatten = nn.Flatten()
         self.fc1 = nn.Linear(in_features, hidden, bias=not batch_norm)

@@ -1,0 +1,240 @@
+"""freeze / ONNX / packed round trips for a W1A4 ResNet-18 and a W2A2 MLP (real MNIST inputs)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils import parametrize
+
+from lightning_ste import QuantReLU, WeightQuantizer, export, quantize_activations_, quantize_weights_
+from lightning_ste.export import FrozenQuantReLU, freeze, load_packed, pack_bits, save_packed, to_onnx, unpack_bits
+from lightning_ste.summary import summary
+
+
+def resnet18_w1a4() -> nn.Module:
+    """torchvision ResNet-18, every conv/linear weight 1-bit, every ReLU call site 4-bit (BCGD19 setting 5).
+
+    BatchNorm gets the non-trivial statistics of a trained network. With the fresh ones (mean 0, var 1,
+    affine identity) a sum of +-delta * k * alpha that cancels exactly lands on the ceil boundary 0 of the
+    next quantized ReLU, and which level it takes depends on the float summation order of the backend.
+    """
+    model = torchvision.models.resnet18()
+    quantize_weights_(model, bits=1)
+    quantize_activations_(model, bits=4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return model.eval()
+
+
+def mlp_w2a2() -> nn.Module:
+    """784-256-128-10 MLP, ternary (2-bit) weights, 2-bit activations."""
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+    quantize_weights_(model, bits=2)
+    quantize_activations_(model, bits=2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mnist_images(mnist_root) -> torch.Tensor:
+    test = torchvision.datasets.MNIST(str(mnist_root), train=False, download=False)
+    return ((test.data[:64].float() / 255 - 0.1307) / 0.3081).unsqueeze(1)
+
+
+@pytest.fixture(params=["resnet18_w1a4", "mlp_w2a2"])
+def case(request, mnist_images):
+    torch.manual_seed(0)
+    if request.param == "resnet18_w1a4":
+        return resnet18_w1a4(), torch.rand(1, 3, 64, 64), 1
+    return mlp_w2a2(), mnist_images, 2
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def test_freeze_gives_a_constant_eval_copy_with_the_same_outputs(case):
+    model, x, weight_bits = case
+    expected = _outputs(model, x)
+    n_sites = sum(isinstance(m, QuantReLU) for m in model.modules())
+    model.train()  # freeze returns an eval copy whatever the mode of the model
+    frozen = freeze(model)
+
+    assert torch.equal(_outputs(frozen, x), expected)
+    assert not frozen.training and not any(m.training for m in frozen.modules())
+    assert not any(parametrize.is_parametrized(m) for m in frozen.modules())
+    assert not any(isinstance(m, (QuantReLU, WeightQuantizer)) for m in frozen.modules())
+    assert not any(p.requires_grad for p in frozen.parameters())
+    relus = [m for m in frozen.modules() if isinstance(m, FrozenQuantReLU)]
+    assert len(relus) == n_sites
+    assert all("alpha" in dict(m.named_buffers()) and not list(m.parameters()) for m in relus)
+    # Weights are the constant q(W): two magnitudes at most for 1-bit (0 only for an exact zero latent).
+    first = frozen.conv1 if weight_bits == 1 else frozen[1]
+    assert first.weight.abs().unique().numel() <= 2
+    # The model itself is untouched: still parametrized, still training, same outputs in eval.
+    assert model.training and parametrize.is_parametrized(model.conv1 if weight_bits == 1 else model[1])
+    assert torch.equal(_outputs(model.eval(), x), expected)
+    # Freezing a frozen model copies it.
+    assert torch.equal(_outputs(freeze(frozen), x), expected)
+
+
+def test_frozen_quant_relu_is_the_training_forward():
+    x = torch.cat([torch.linspace(-1, 4, 2001), torch.tensor([0.0, float("inf"), -float("inf"), float("nan")])])
+    for bits, rounding in [(1, "ceil"), (2, "nearest"), (4, "ceil"), (8, "nearest")]:
+        q = QuantReLU(bits=bits, alpha=0.37, rounding=rounding).eval()
+        f = FrozenQuantReLU.from_quant_relu(q)
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            xd = x.to(dtype)
+            assert torch.equal(f(xd), q(xd)), (bits, rounding, dtype)
+    with pytest.raises(ValueError, match="rounding"):
+        FrozenQuantReLU(2, 0.5, rounding="floor")
+
+
+def test_to_onnx_matches_onnxruntime(case, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model, x, _ = case
+    path = to_onnx(model, x[:2], tmp_path / "model.onnx")
+    assert path.exists()
+    graph = onnx.load(str(path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"Ceil", "Clip"} <= ops  # the quantized ReLU as plain operators, no custom domain
+    assert all(n.domain in ("", "ai.onnx") for n in graph.node)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # Exported with a dynamic batch: run the whole input, not the 2-sample example.
+    (got,) = session.run(None, {"input": x.numpy()})
+    expected = _outputs(model, x).numpy()
+    assert got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
+
+
+def test_packed_round_trip(case, tmp_path, caplog):
+    model, x, weight_bits = case
+    expected = _outputs(model, x)
+    path = tmp_path / "model.ltq"
+    with caplog.at_level(logging.INFO):
+        size = save_packed(model, path)
+    assert size == path.stat().st_size
+    assert f"{size / 1e6:.3f} MB" in caplog.text
+
+    loaded = load_packed(path)
+    assert torch.equal(_outputs(loaded, x), expected)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+
+    # The weights really are stored at their bit-width: numel * bits / 8 bytes each, plus one scale.
+    stored = torch.load(path, weights_only=False)
+    quantized = {f"{n}.weight": layer.parametrizations.weight.original for n, layer in _quantized(model)}
+    assert set(stored["packed"]) == set(quantized)
+    for name, w in quantized.items():
+        blob = stored["packed"][name]
+        assert blob["bits"] == weight_bits
+        assert blob["data"].dtype == torch.uint8
+        assert blob["data"].numel() == math.ceil(w.numel() * weight_bits / 8)
+        assert blob["scale"].numel() == 1
+        assert stored["module"].get_parameter(name).numel() == 0  # no float copy of the weight
+    # The file is the packed weights plus the float rest and the pickled structure.
+    s = summary(model)
+    assert size < s.fp32_bytes / 8
+    assert size < s.quantized_bytes * 1.2 + 64_000
+
+
+def _quantized(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if parametrize.is_parametrized(m, "weight")]
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("count", [1, 7, 8, 9, 1000, 1001])
+def test_pack_bits_round_trip(bits, count):
+    values = torch.randint(0, 2**bits, (count,))
+    data = pack_bits(values, bits)
+    assert data.dtype == torch.uint8 and data.numel() == math.ceil(count * bits / 8)
+    assert torch.equal(unpack_bits(data, bits, count), values)
+
+
+def test_pack_bits_layout_is_lsb_first():
+    assert pack_bits(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1, 1]), 1).tolist() == [0b10000001, 0b1]
+    assert pack_bits(torch.tensor([3, 0, 2]), 2).tolist() == [0b100011]
+
+
+def _linear_model(bits: int, per_channel: bool, rounding: str) -> nn.Module:
+    model = nn.Sequential(nn.Linear(12, 9), QuantReLU(bits=3, rounding=rounding), nn.Linear(9, 5))
+    for layer in (model[0], model[2]):
+        parametrize.register_parametrization(layer, "weight", WeightQuantizer(bits=bits, per_channel=per_channel))
+    return model.eval()
+
+
+@pytest.mark.parametrize("bits, per_channel", [(1, True), (2, True), (3, False), (4, True), (8, False)])
+def test_b_bit_and_per_channel_codes_round_trip_from_model_and_from_frozen(bits, per_channel, tmp_path):
+    model = _linear_model(bits, per_channel, rounding="nearest")
+    x = torch.randn(16, 12)
+    expected = _outputs(model, x)
+    for source in (model, freeze(model)):  # a frozen model: codes recovered from q(W)
+        path = tmp_path / "m.ltq"
+        save_packed(source, path)
+        stored = torch.load(path, weights_only=False)
+        blob = stored["packed"]["0.weight"]
+        assert blob["bits"] == max(bits, 2) if bits == 1 and False else blob["bits"] == bits
+        assert blob["scale"].numel() == (9 if per_channel else 1)
+        torch.testing.assert_close(_outputs(load_packed(path), x), expected, rtol=0, atol=1e-6)
+    # From the training model the weights come back bit for bit.
+    save_packed(model, tmp_path / "exact.ltq")
+    assert torch.equal(_outputs(load_packed(tmp_path / "exact.ltq"), x), expected)
+
+
+def test_one_bit_layer_with_an_exact_zero_weight_is_stored_ternary(tmp_path):
+    model = _linear_model(1, per_channel=False, rounding="ceil")
+    with torch.no_grad():
+        model[0].parametrizations.weight.original[0, 0] = 0.0  # sign(0) = 0: a third value
+    x = torch.randn(16, 12)
+    expected = _outputs(model, x)
+    save_packed(model, tmp_path / "m.ltq")
+    stored = torch.load(tmp_path / "m.ltq", weights_only=False)
+    assert stored["packed"]["0.weight"]["bits"] == 2
+    assert stored["packed"]["2.weight"]["bits"] == 1
+    assert torch.equal(_outputs(load_packed(tmp_path / "m.ltq"), x), expected)
+
+
+def test_tied_weights_stay_tied(tmp_path):
+    model = _linear_model(1, per_channel=False, rounding="ceil")
+    model.append(nn.Linear(5, 9))
+    model[3].weight = model[2].parametrizations.weight.original  # tie a float layer to a latent weight
+    frozen = freeze(model)
+    loaded_path = tmp_path / "tied.ltq"
+    save_packed(model, loaded_path)
+    loaded = load_packed(loaded_path)
+    assert loaded[3].weight is loaded[2].weight
+    assert frozen[3].weight is frozen[2].weight
+    x = torch.randn(4, 12)
+    assert torch.equal(_outputs(loaded, x), _outputs(model, x))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="model"):
+        freeze("model")
+    with pytest.raises(ValueError, match="model"):
+        save_packed(3, "x.ltq")
+
+
+def test_load_packed_refuses_other_files(tmp_path):
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a lightning_ste packed model"):
+        load_packed(tmp_path / "other.pt")
+
+
+def test_export_is_the_lazy_package_attribute():
+    import lightning_ste
+
+    assert lightning_ste.export is export
