@@ -1,7 +1,7 @@
 """Forward + backward of ``lightning_ste.functional.quantized_relu`` against ``torch.relu``, one tensor.
 
 Runs are interleaved (relu, quantized, relu, quantized, ...) and the ratio is taken per round; the median
-time and the min/median/max ratio are printed.
+times and the min/median/max ratio are printed, for wall-clock and for process CPU time.
 
     python benchmarks/bench_relu.py                       # 32x64x56x56, 4 bits, learned alpha
     python benchmarks/bench_relu.py --shape 8,64,56,56 --bits 2 --dtype bfloat16
@@ -29,8 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shape = tuple(int(s) for s in args.shape.split(","))
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
@@ -53,13 +56,13 @@ def main(argv: list[str] | None = None) -> None:
         y = quantized_relu(x, alpha, args.bits, args.ste, args.alpha_grad, 0.01, args.rounding)
         y.backward(grad)
 
-    def timed(fn) -> float:
+    def timed(fn) -> tuple[float, float]:
         x.grad = alpha.grad = None
         sync()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         fn()
         sync()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     for _ in range(3):
         timed(run_relu)
@@ -68,16 +71,19 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(args.rounds):
         relu_t.append(timed(run_relu))
         quant_t.append(timed(run_quant))
-    ratios = [q / r for q, r in zip(quant_t, relu_t)]
     print(
         f"shape {shape} {args.dtype} {device.type}, bits={args.bits}, ste={args.ste}, "
         f"alpha_grad={args.alpha_grad}, rounding={args.rounding}, {torch.get_num_threads()} threads"
     )
-    print(f"torch.relu      fwd+bwd median {statistics.median(relu_t) * 1e3:8.2f} ms")
-    print(f"quantized_relu  fwd+bwd median {statistics.median(quant_t) * 1e3:8.2f} ms")
-    print(
-        f"ratio quantized/relu min/median/max {min(ratios):.2f}/{statistics.median(ratios):.2f}/{max(ratios):.2f}"
-    )
+    for i, clock in enumerate(("wall", "cpu")):
+        r = [t[i] for t in relu_t]
+        q = [t[i] for t in quant_t]
+        ratios = [b / a for a, b in zip(r, q)]
+        print(
+            f"{clock:>4}: torch.relu {statistics.median(r) * 1e3:7.2f} ms, quantized_relu "
+            f"{statistics.median(q) * 1e3:7.2f} ms (medians); ratio min/median/max "
+            f"{min(ratios):.2f}/{statistics.median(ratios):.2f}/{max(ratios):.2f}"
+        )
 
 
 if __name__ == "__main__":

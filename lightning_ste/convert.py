@@ -82,10 +82,12 @@ def check_activation_arguments(
     elif (
         isinstance(alpha, bool)
         or not isinstance(alpha, (int, float))
-        or not (math.isfinite(alpha) and alpha > 0)
+        or not (math.isfinite(alpha) and alpha >= F_ste.ALPHA_FLOOR)
     ):
+        # Below the floor the forward would clamp it: a value that cannot be used as given is refused.
         raise ValueError(
-            f"`alpha` must be one of 'learned', 'fixed', 'calibrate' or a finite number > 0, got {alpha!r}"
+            "`alpha` must be one of 'learned', 'fixed', 'calibrate' or a finite number > 0 (at least the floor "
+            f"{F_ste.ALPHA_FLOOR:g}), got {alpha!r}"
         )
     if (
         isinstance(calibration_batches, bool)
@@ -422,8 +424,8 @@ def plan_activations(
         )
     if not selected:
         raise ValueError(
-            f"no ReLU site left after include={arguments['include']} exclude={arguments['exclude']}; "
-            f"sites: {_preview([s.name for s in sites])}"
+            f"no ReLU site left after include={arguments['include']} exclude={arguments['exclude']}: `exclude` "
+            f"removes every selected site; sites: {_preview([s.name for s in sites])}"
         )
     chosen = {s.name for s in selected}
     for edit in edits:

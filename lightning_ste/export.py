@@ -4,7 +4,9 @@
   ops, so it exports to ONNX and TorchScript), giving the same outputs.
 - :func:`to_onnx`: the frozen model as an ONNX file.
 - :func:`save_packed` / :func:`load_packed`: 1-bit weights as sign bits packed 8 per byte, ternary as 2-bit
-  codes, b-bit as b-bit codes, each with its float scale(s) (BCGD19); everything else in float.
+  codes, b-bit as b-bit codes, each with its float scale(s) (BCGD19); everything else in float. File layout:
+  a ``torch.save`` of ``{"format", "version", "module": the frozen module with empty quantized weights,
+  "packed": {parameter name: {"encoding", "bits", "data": uint8 bytes, "scale", "shape", "dtype"}}}``.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -85,31 +88,37 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _unparametrize(layer: nn.Module) -> None:
-    """``remove_parametrizations(..., leave_parametrized=True)`` for every tensor of a deep-copied layer.
+def _unparametrize(layers: list[nn.Module]) -> None:
+    """``remove_parametrizations(..., leave_parametrized=True)`` for every tensor of deep-copied layers.
 
     ``torch.nn.utils.parametrize.remove_parametrizations`` deletes the tensor's property from the layer's
     class, and a deep copy shares that class with the original, which would then lose its weight; so the
-    class is swapped back here without touching it.
+    class is swapped back here without touching it. Every value is computed before anything changes (a
+    latent weight shared by two layers must not be quantized twice), and layers sharing a latent weight
+    share the new parameter when their values agree; a float layer tied to the latent keeps the latent.
     """
-    restored: dict[str, Tensor] = {}
-    for tensor_name in list(layer.parametrizations.keys()):
-        value = getattr(layer, tensor_name).detach()
-        original = getattr(layer.parametrizations[tensor_name], "original", None)
-        if isinstance(original, nn.Parameter):
-            original.data = value  # keeps the Parameter object, so tied weights stay tied
-            restored[tensor_name] = original
-        elif original is not None:
-            restored[tensor_name] = value
+    values = [
+        (layer, name, getattr(layer, name).detach(), getattr(layer.parametrizations[name], "original", None))
+        for layer in layers
+        for name in list(layer.parametrizations.keys())
+    ]
+    shared: dict[int, list[nn.Parameter]] = {}
+    for layer, name, value, original in values:
+        if original is not None and not isinstance(original, nn.Parameter):
+            tensor: Tensor = value  # a parametrized buffer stays a buffer
         else:
-            restored[tensor_name] = nn.Parameter(value)
-    del layer._modules["parametrizations"]
-    layer.__class__ = layer.__class__.__bases__[0]
-    for tensor_name, tensor in restored.items():
+            candidates = shared.setdefault(id(original), []) if original is not None else []
+            tensor = next((p for p in candidates if torch.equal(p, value)), None)
+            if tensor is None:
+                tensor = nn.Parameter(value, requires_grad=False)
+                candidates.append(tensor)
+        if "parametrizations" in layer._modules:
+            del layer._modules["parametrizations"]
+            layer.__class__ = layer.__class__.__bases__[0]
         if isinstance(tensor, nn.Parameter):
-            layer.register_parameter(tensor_name, tensor)
+            layer.register_parameter(name, tensor)
         else:
-            layer.register_buffer(tensor_name, tensor)
+            layer.register_buffer(name, tensor)
 
 
 @torch.no_grad()
@@ -125,13 +134,14 @@ def freeze(model: nn.Module) -> nn.Module:
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     frozen = copy.deepcopy(model)
     weights: dict[str, dict[str, Any]] = dict(getattr(frozen, _FROZEN_ATTR, {}))
-    for name, layer in list(frozen.named_modules()):
-        if not parametrize.is_parametrized(layer):
-            continue
-        quantizer = weight_quantizer(layer)
-        if quantizer is not None:
-            weights[f"{name}.weight" if name else "weight"] = _quantizer_settings(quantizer)
-        _unparametrize(layer)
+    parametrized = []
+    for name, layer in frozen.named_modules():
+        if parametrize.is_parametrized(layer):
+            parametrized.append(layer)
+            quantizer = weight_quantizer(layer)
+            if quantizer is not None:
+                weights[f"{name}.weight" if name else "weight"] = _quantizer_settings(quantizer)
+    _unparametrize(parametrized)
     if isinstance(frozen, QuantReLU):
         return FrozenQuantReLU.from_quant_relu(frozen).eval()
     replaced: dict[int, FrozenQuantReLU] = {}  # a QuantReLU shared by several parents stays shared
@@ -179,34 +189,33 @@ def to_onnx(
 def pack_bits(values: Tensor, bits: int) -> Tensor:
     """Pack non-negative integers ``< 2**bits`` into bytes, least significant bit first (uint8, 1-D)."""
     F_ste.check_bits(bits)
-    v = values.detach().flatten().to(torch.uint8).cpu()
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    stream = v.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).flatten()
-    stream = torch.cat([stream, stream.new_zeros((-stream.numel()) % 8)]).view(-1, 8)
-    out = torch.zeros(stream.shape[0], dtype=torch.uint8)
-    for i in range(8):
-        out.bitwise_or_(stream[:, i].bitwise_left_shift(i))
-    return out
+    v = values.detach().flatten().to(torch.uint8).cpu().numpy()
+    if bits > 1:
+        v = (v[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
+    return torch.from_numpy(np.packbits(v.reshape(-1), bitorder="little"))
 
 
 def unpack_bits(data: Tensor, bits: int, count: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` ``bits``-bit integers (int64, 1-D)."""
     F_ste.check_bits(bits)
-    shifts = torch.arange(8, dtype=torch.uint8)
-    stream = data.cpu().unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1).flatten()
-    stream = stream[: count * bits].view(count, bits).long()
-    out = torch.zeros(count, dtype=torch.int64)
-    for i in range(bits):
-        out.bitwise_or_(stream[:, i].bitwise_left_shift(i))
-    return out
+    stream = np.unpackbits(data.cpu().numpy(), count=count * bits, bitorder="little")
+    if bits == 1:
+        return torch.from_numpy(stream.astype(np.int64))
+    weights = np.left_shift(1, np.arange(bits, dtype=np.int64))
+    return torch.from_numpy(stream.reshape(count, bits).astype(np.int64) @ weights)
 
 
 def _pack_codes(codes: Tensor, bits: int) -> dict[str, Any]:
     """Codes -> a packed blob: 1-bit signs (bit = 1 for +1), else codes + 2**(b-1) - 1 in b bits."""
-    if bits == 1 and not bool((codes == 0).any()):
-        return {"encoding": "sign", "bits": 1, "data": pack_bits(codes > 0, 1)}
-    # A 1-bit layer with an exact zero latent weight has sign 0 (BCGD19 code): store it as ternary.
-    bits = max(bits, 2)
+    if bits == 1:
+        # sign(0) = 0 (BCGD19 code): an exact zero latent weight, rare, is listed by index (4 bytes each);
+        # a layer with many (more than 1 in 32) is cheaper stored as ternary codes.
+        zeros = (codes == 0).nonzero().flatten()
+        if zeros.numel() * 32 < codes.numel():
+            index_dtype = torch.int32 if codes.numel() < 2**31 else torch.int64
+            blob = {"encoding": "sign", "bits": 1, "data": pack_bits(codes > 0, 1)}
+            return {**blob, "zeros": zeros.to(index_dtype)}
+        bits = 2
     offset = 2 ** (bits - 1) - 1
     return {"encoding": "offset", "bits": bits, "data": pack_bits((codes + offset).round(), bits)}
 
@@ -214,7 +223,9 @@ def _pack_codes(codes: Tensor, bits: int) -> dict[str, Any]:
 def _unpack_codes(blob: dict[str, Any], count: int) -> Tensor:
     values = unpack_bits(blob["data"], blob["bits"], count)
     if blob["encoding"] == "sign":
-        return values * 2 - 1
+        codes = values * 2 - 1
+        codes[blob["zeros"].long()] = 0
+        return codes
     return values - (2 ** (blob["bits"] - 1) - 1)
 
 
@@ -252,8 +263,12 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
     frozen = freeze(model)
     fp32_bytes = _weight_bytes(frozen)
     packed: dict[str, dict[str, Any]] = {}
+    seen: set[int] = set()
     for pname, settings in getattr(frozen, _FROZEN_ATTR).items():
         param = frozen.get_parameter(pname)
+        if id(param) in seen:
+            continue  # a weight shared with a layer packed already: restoring that one restores both
+        seen.add(id(param))
         if pname in latent:
             w, quantizer = latent[pname]
             codes, scale = F_ste.weight_codes(

@@ -120,11 +120,8 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def quantize(self, w: Tensor) -> Tensor:
-        """q(W) without autograd, for the BCGD blend."""
-        codes, scale = F_ste.weight_codes(
-            w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale
-        )
-        return codes * scale
+        """q(W) without autograd, for the BCGD blend (the same values the forward uses)."""
+        return F_ste.quantize_weight(w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}, ternary_scale={self.ternary_scale}"

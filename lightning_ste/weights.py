@@ -256,6 +256,8 @@ def plan_weights(
     example_input: Any = None,
 ) -> WeightPlan:
     """Decide which layers :func:`quantize_weights_` converts; changes nothing. ValueError when none is selected."""
+    if not isinstance(module, nn.Module):
+        raise ValueError(f"`module` must be an nn.Module, got {type(module).__name__}")
     inc, exc, types = check_weight_args(
         bits, per_channel, ternary_scale, binary_scale, keep_first_last, include, exclude, layer_types
     )
@@ -385,6 +387,8 @@ def quantize_weights_(
     ``example_input``) in float. ``dry_run=True`` prints the plan and changes nothing. The module is left
     unchanged on any error. The recipe is appended to ``module._lightning_ste_recipes``.
     """
+    if not isinstance(dry_run, bool):
+        raise ValueError(f"`dry_run` must be a bool, got {dry_run!r}")
     plan = plan_weights(
         module, bits, include, exclude, keep_first_last, per_channel, ternary_scale, binary_scale, layer_types,
         example_input,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -12,8 +13,25 @@ import torchvision
 from torch import nn
 from torch.nn.utils import parametrize
 
-from lightning_ste import QuantReLU, WeightQuantizer, export, quantize_activations_, quantize_weights_
-from lightning_ste.export import FrozenQuantReLU, freeze, load_packed, pack_bits, save_packed, to_onnx, unpack_bits
+from lightning_ste import (
+    BlendedQuantWeights,
+    QuantizeActivations,
+    QuantReLU,
+    WeightQuantizer,
+    export,
+    quantize_activations_,
+    quantize_weights_,
+)
+from lightning_ste.data.mnist import MNISTDataModule
+from lightning_ste.export import (
+    FrozenQuantReLU,
+    freeze,
+    load_packed,
+    pack_bits,
+    save_packed,
+    to_onnx,
+    unpack_bits,
+)
 from lightning_ste.summary import summary
 
 
@@ -92,13 +110,15 @@ def test_freeze_gives_a_constant_eval_copy_with_the_same_outputs(case):
 
 
 def test_frozen_quant_relu_is_the_training_forward():
-    x = torch.cat([torch.linspace(-1, 4, 2001), torch.tensor([0.0, float("inf"), -float("inf"), float("nan")])])
+    x = torch.cat(
+        [torch.linspace(-1, 4, 2001), torch.tensor([0.0, float("inf"), -float("inf"), float("nan")])]
+    )
     for bits, rounding in [(1, "ceil"), (2, "nearest"), (4, "ceil"), (8, "nearest")]:
         q = QuantReLU(bits=bits, alpha=0.37, rounding=rounding).eval()
         f = FrozenQuantReLU.from_quant_relu(q)
         for dtype in (torch.float32, torch.bfloat16, torch.float64):
             xd = x.to(dtype)
-            assert torch.equal(f(xd), q(xd)), (bits, rounding, dtype)
+            torch.testing.assert_close(f(xd), q(xd).detach(), rtol=0, atol=0, equal_nan=True)
     with pytest.raises(ValueError, match="rounding"):
         FrozenQuantReLU(2, 0.5, rounding="floor")
 
@@ -172,7 +192,9 @@ def test_pack_bits_layout_is_lsb_first():
 def _linear_model(bits: int, per_channel: bool, rounding: str) -> nn.Module:
     model = nn.Sequential(nn.Linear(12, 9), QuantReLU(bits=3, rounding=rounding), nn.Linear(9, 5))
     for layer in (model[0], model[2]):
-        parametrize.register_parametrization(layer, "weight", WeightQuantizer(bits=bits, per_channel=per_channel))
+        parametrize.register_parametrization(
+            layer, "weight", WeightQuantizer(bits=bits, per_channel=per_channel)
+        )
     return model.eval()
 
 
@@ -186,7 +208,7 @@ def test_b_bit_and_per_channel_codes_round_trip_from_model_and_from_frozen(bits,
         save_packed(source, path)
         stored = torch.load(path, weights_only=False)
         blob = stored["packed"]["0.weight"]
-        assert blob["bits"] == max(bits, 2) if bits == 1 and False else blob["bits"] == bits
+        assert blob["bits"] == bits
         assert blob["scale"].numel() == (9 if per_channel else 1)
         torch.testing.assert_close(_outputs(load_packed(path), x), expected, rtol=0, atol=1e-6)
     # From the training model the weights come back bit for bit.
@@ -194,31 +216,44 @@ def test_b_bit_and_per_channel_codes_round_trip_from_model_and_from_frozen(bits,
     assert torch.equal(_outputs(load_packed(tmp_path / "exact.ltq"), x), expected)
 
 
-def test_one_bit_layer_with_an_exact_zero_weight_is_stored_ternary(tmp_path):
+def test_one_bit_layers_with_exact_zero_weights(tmp_path):
+    """sign(0) = 0: a few zeros are listed by index, many make the layer ternary."""
     model = _linear_model(1, per_channel=False, rounding="ceil")
     with torch.no_grad():
-        model[0].parametrizations.weight.original[0, 0] = 0.0  # sign(0) = 0: a third value
+        model[0].parametrizations.weight.original[0, 0] = 0.0  # 1 of 108
+        model[2].parametrizations.weight.original[:, :3] = 0.0  # 15 of 45
     x = torch.randn(16, 12)
     expected = _outputs(model, x)
     save_packed(model, tmp_path / "m.ltq")
     stored = torch.load(tmp_path / "m.ltq", weights_only=False)
-    assert stored["packed"]["0.weight"]["bits"] == 2
-    assert stored["packed"]["2.weight"]["bits"] == 1
+    first, second = stored["packed"]["0.weight"], stored["packed"]["2.weight"]
+    assert (first["bits"], first["zeros"].tolist()) == (1, [0])
+    assert second["bits"] == 2 and second["encoding"] == "offset"
     assert torch.equal(_outputs(load_packed(tmp_path / "m.ltq"), x), expected)
 
 
-def test_tied_weights_stay_tied(tmp_path):
-    model = _linear_model(1, per_channel=False, rounding="ceil")
-    model.append(nn.Linear(5, 9))
-    model[3].weight = model[2].parametrizations.weight.original  # tie a float layer to a latent weight
+def test_tied_latent_weights(tmp_path):
+    """Two 4-bit layers share one latent W; a float layer is tied to that latent W too."""
+    model = nn.Sequential(
+        nn.Linear(6, 6), QuantReLU(bits=3), nn.Linear(6, 6), QuantReLU(bits=3), nn.Linear(6, 6)
+    )
+    for i in (0, 2):
+        parametrize.register_parametrization(model[i], "weight", WeightQuantizer(bits=4))
+    latent = model[0].parametrizations.weight.original
+    model[2].parametrizations.weight.original = latent
+    model[4].weight = latent
+    model.eval()
+    x = torch.randn(8, 6)
+    expected = _outputs(model, x)
     frozen = freeze(model)
-    loaded_path = tmp_path / "tied.ltq"
-    save_packed(model, loaded_path)
-    loaded = load_packed(loaded_path)
-    assert loaded[3].weight is loaded[2].weight
-    assert frozen[3].weight is frozen[2].weight
-    x = torch.randn(4, 12)
-    assert torch.equal(_outputs(loaded, x), _outputs(model, x))
+    # q(W) is not idempotent for b >= 3 bits: the second layer must not quantize the first one's q(W).
+    assert torch.equal(_outputs(frozen, x), expected)
+    assert frozen[2].weight is frozen[0].weight
+    assert torch.equal(frozen[4].weight, latent) and not torch.equal(frozen[0].weight, latent)
+    save_packed(model, tmp_path / "tied.ltq")
+    loaded = load_packed(tmp_path / "tied.ltq")
+    assert loaded[2].weight is loaded[0].weight
+    assert torch.equal(_outputs(loaded, x), expected)
 
 
 def test_bad_inputs():
@@ -238,3 +273,48 @@ def test_export_is_the_lazy_package_attribute():
     import lightning_ste
 
     assert lightning_ste.export is export
+
+
+class MNISTNet(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def test_lightning_module_trained_with_the_callbacks(tmp_path, mnist_root):
+    ort = pytest.importorskip("onnxruntime")
+    data = MNISTDataModule(root=str(mnist_root), batch_size=64, subset=512, flatten=True, download=False)
+    model = MNISTNet()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=8,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[QuantizeActivations(bits=4), BlendedQuantWeights(bits=1, rho=1e-3)],
+    )
+    trainer.fit(model, datamodule=data)
+    model.eval()
+    x = data.train_data[0][:32]
+    expected = _outputs(model, x)
+    frozen = freeze(model)  # a LightningModule still attached to its trainer
+    assert torch.equal(_outputs(frozen, x), expected)
+    assert model.trainer is trainer and frozen._trainer is None
+    save_packed(model, tmp_path / "mnist.ltq")
+    assert torch.equal(_outputs(load_packed(tmp_path / "mnist.ltq"), x), expected)
+    (got,) = ort.InferenceSession(
+        str(to_onnx(model, x[:1], tmp_path / "mnist.onnx")), providers=["CPUExecutionProvider"]
+    ).run(None, {"input": x.numpy()})
+    np.testing.assert_allclose(got, expected.numpy(), rtol=0, atol=1e-4)

@@ -68,7 +68,13 @@ def test_small_model_sizes_by_hand():
     assert s.compression == pytest.approx(1700 / 574)
 
     text = str(s)
-    for needle in ("W bits", "A bits", "QuantReLU", "BatchNorm1d", "300          Quantized weights (2 layers)"):
+    for needle in (
+        "W bits",
+        "A bits",
+        "QuantReLU",
+        "BatchNorm1d",
+        "300          Quantized weights (2 layers)",
+    ):
         assert needle in text, needle
     assert "0.002        Model size at fp32 (MB)" in text
     assert "0.001        Model size at the real bit-widths (MB)" in text

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from lightning_ste.callbacks._interop import recopy_earlier_swa
 from lightning_ste.convert import (
     apply_plan,
     check_activation_arguments,
@@ -19,6 +20,7 @@ from lightning_ste.convert import (
     format_plan,
     plan_activations,
 )
+from lightning_ste.functional import ALPHA_FLOOR
 from lightning_ste.modules import QuantReLU
 
 __all__ = ["QuantizeActivations"]
@@ -69,6 +71,8 @@ class QuantizeActivations(Callback):
         self.sites: list[str] = []
         self._announced_param_group = False
         self._calibrating: list[tuple[QuantReLU, int]] = []
+        self._at_floor: set[str] = set()  # sites already warned about, so each is named once
+        self._floor_checked_at = -1
 
     @property
     def state_key(self) -> str:
@@ -89,6 +93,7 @@ class QuantizeActivations(Callback):
         rank_zero_info(format_plan(plan, dry_run=self.dry_run))
         if not self.dry_run:
             self.sites = apply_plan(pl_module, plan)
+            recopy_earlier_swa(trainer, pl_module, self, stage)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Optimizers exist now (strategy.setup); their state is restored from a checkpoint only after this
@@ -133,6 +138,31 @@ class QuantizeActivations(Callback):
             gathered = trainer.strategy.all_gather(torch.stack([q.alpha.detach() for q in changed]))
             for q, value in zip(changed, gathered.reshape(-1, len(changed)).amax(0)):
                 q.alpha.copy_(value)
+        # Reading alpha is a host sync on an accelerator: only on logging steps (and at epoch end).
+        step = trainer.global_step
+        if step != self._floor_checked_at and step % max(trainer.log_every_n_steps, 1) == 0:
+            self._floor_checked_at = step
+            self._warn_alpha_floor(pl_module)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._warn_alpha_floor(pl_module)
+
+    @torch.no_grad()
+    def _warn_alpha_floor(self, pl_module: pl.LightningModule) -> None:
+        """Warn once per site whose alpha is at or below the floor the forward clamps it to (one host read)."""
+        watched = [(n, q) for n, q in zip(self.sites, self._quantizers(pl_module)) if n not in self._at_floor]
+        if not watched:
+            return
+        device = watched[0][1].alpha.device
+        values = torch.stack([q.alpha.detach().float().to(device) for _, q in watched])
+        low = [n for (n, _), hit in zip(watched, values.le(ALPHA_FLOOR).tolist()) if hit]
+        if low:
+            self._at_floor.update(low)
+            rank_zero_warn(
+                f"QuantizeActivations: alpha of {', '.join(low)} collapsed to its floor {ALPHA_FLOOR:g} (the forward "
+                "clamps it there, so the site outputs almost only 0 and multiples of the floor). Lower the learning "
+                "rate of alpha or `alpha_lr_scale`, or use alpha='calibrate' or a fixed value."
+            )
 
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict

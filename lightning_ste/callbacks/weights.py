@@ -14,6 +14,14 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_ste.blend import RhoSchedule, RhoScheduleArg, bcgd_blend_, grads_finite
+from lightning_ste.callbacks._interop import (
+    auto_pruners_after,
+    latent_parameter,
+    pruning_mask,
+    recopy_earlier_swa,
+    restore_pruning,
+    retarget_pruning,
+)
 from lightning_ste.weights import (
     DEFAULT_LAYER_TYPES,
     RECIPE_KIND,
@@ -91,6 +99,8 @@ class BlendedQuantWeights(Callback):
         self._per_optimizer: dict[
             int, tuple[tuple[int, int], list[tuple[Tensor, Callable[[Tensor], Tensor]]]]
         ] = {}
+        self._auto_pruners: set[int] = set()
+        self._pruning_undo: dict[int, list[tuple[int, nn.Module]]] = {}
 
     @property
     def rho(self) -> float:
@@ -112,8 +122,11 @@ class BlendedQuantWeights(Callback):
             plan = self._plan(trainer, pl_module, stage)
             apply_plan(pl_module, plan)
             rank_zero_info(plan.format("BlendedQuantWeights"))
+            recopy_earlier_swa(trainer, pl_module, self, stage)
         if self.dry_run:
             return
+        # A ModelPruning set up after this hook discovers parameters itself and cannot see q(W)'s latent W.
+        self._auto_pruners |= {id(cb) for cb in auto_pruners_after(trainer, self)}
         # Lightning loads `ckpt_path` after every `setup` hook; this pre-hook lets the checkpoint's layers win.
         self._remove_load_hook()
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._on_load_state_dict)
@@ -143,11 +156,25 @@ class BlendedQuantWeights(Callback):
             f"{[r['arguments'] for r in stored]}"
         )
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.dry_run:
+            return
+        # Every setup hook has run: ModelPruning's (layer, "weight") entries now become the latent W.
+        layers = {id(layer): layer for _, layer, _, _ in quantized_layers(pl_module)}
+        self._pruning_undo = retarget_pruning(trainer, layers, self._auto_pruners)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = [(latent, q.quantize) for _, _, latent, q in quantized_layers(pl_module)]
+        self._layers = [
+            (latent_parameter(layer.parametrizations.weight), _blend_target(layer.parametrizations.weight, q))
+            for _, layer, _, q in quantized_layers(pl_module)
+        ]
         self._per_optimizer.clear()
         trained = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
-        idle = [name for name, _, latent, _ in quantized_layers(pl_module) if id(latent) not in trained]
+        idle = [
+            name
+            for name, layer, _, _ in quantized_layers(pl_module)
+            if id(latent_parameter(layer.parametrizations.weight)) not in trained
+        ]
         if idle:
             rank_zero_warn(
                 f"BlendedQuantWeights: latent weights of {idle} are in no optimizer: not trained or blended"
@@ -162,7 +189,8 @@ class BlendedQuantWeights(Callback):
         rho = self._schedule.rho
         if rho == 0.0 or self.dry_run:
             return
-        layers = self._layers_of(optimizer)
+        # A latent without a gradient is one the optimizer does not step this time: it is not blended either.
+        layers = [(w, q) for w, q in self._layers_of(optimizer) if w.grad is not None]
         if not layers:
             return
         # Gradients are unscaled here (16-mixed); scaler.step skips the step when any is not finite.
@@ -178,6 +206,8 @@ class BlendedQuantWeights(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._remove_load_hook()
+        restore_pruning(trainer, self._pruning_undo)
+        self._pruning_undo = {}
 
     def state_dict(self) -> dict[str, Any]:
         return self._schedule.state_dict()
@@ -293,3 +323,13 @@ class BlendedQuantWeights(Callback):
             f"BlendedQuantWeights: following the checkpoint, the quantized layers are {stored} (this callback's "
             f"arguments selected {current})"
         )
+
+
+def _blend_target(chain: nn.Module, quantizer: Any) -> Callable[[Tensor], Tensor]:
+    """q of the weight the model uses: q(W ⊙ M) while ModelPruning holds a mask M on the latent W."""
+
+    def target(w: Tensor) -> Tensor:
+        mask = pruning_mask(chain)
+        return quantizer.quantize(w if mask is None else w * mask)
+
+    return target

@@ -1,0 +1,138 @@
+"""Keep Lightning's StochasticWeightAveraging and ModelPruning consistent with a model our callbacks rewrote.
+
+Both callbacks take references to the model in their own ``setup``: SWA deep-copies it, ModelPruning lists
+``(module, "weight")`` pairs. A conversion in a later ``setup`` hook invalidates both (SWA then averages
+mismatched tensors; pruning a parametrized ``weight`` fails with a TypeError, and auto-discovery skips it).
+The functions here repair those references; they use ModelPruning's documented-by-code attributes
+(``_parameters_to_prune``, ``_original_layers``), so tests/test_reliability.py pins the behaviour.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeightAveraging
+from torch import nn
+from torch.nn.utils import parametrize
+
+__all__ = [
+    "LATENT_NAME",
+    "auto_pruners_after",
+    "latent_parameter",
+    "pruning_mask",
+    "recopy_earlier_swa",
+    "restore_pruning",
+    "retarget_pruning",
+]
+
+LATENT_NAME = "original"  # the float W of a parametrized weight: layer.parametrizations.weight.original
+
+
+def _earlier(trainer: pl.Trainer, me: Callback) -> Iterator[Callback]:
+    """Callbacks whose ``setup`` ran before ``me``'s (Lightning calls them in ``trainer.callbacks`` order)."""
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if cb is me:
+            return
+        yield cb
+
+
+def recopy_earlier_swa(trainer: pl.Trainer, pl_module: pl.LightningModule, me: Callback, stage: str) -> None:
+    """Re-run ``setup`` of a StochasticWeightAveraging listed before ``me``: its copy predates the conversion."""
+    if stage != "fit":
+        return
+    for cb in _earlier(trainer, me):
+        if isinstance(cb, StochasticWeightAveraging):
+            cb.setup(trainer, pl_module, stage)
+
+
+def latent_parameter(chain: nn.Module) -> nn.Parameter:
+    """The float latent W of a parametrization chain, also while torch.nn.utils.prune holds it as ``original_orig``."""
+    param = chain._parameters.get(LATENT_NAME)
+    if param is None:
+        param = chain._parameters[LATENT_NAME + "_orig"]
+    return param  # type: ignore[return-value]
+
+
+def pruning_mask(chain: nn.Module) -> torch.Tensor | None:
+    """The pruning mask of the latent W, or None when it is not pruned."""
+    return chain._buffers.get(LATENT_NAME + "_mask")
+
+
+def _pruners(trainer: pl.Trainer) -> list[ModelPruning]:
+    return [cb for cb in trainer.callbacks if isinstance(cb, ModelPruning)]  # type: ignore[attr-defined]
+
+
+def auto_pruners_after(trainer: pl.Trainer, me: Callback) -> list[ModelPruning]:
+    """ModelPruning callbacks set up after ``me`` that will discover their parameters themselves."""
+    before = {id(cb) for cb in _earlier(trainer, me)}
+    return [cb for cb in _pruners(trainer) if id(cb) not in before and not cb._parameters_to_prune]
+
+
+def retarget_pruning(
+    trainer: pl.Trainer, layers: dict[int, nn.Module], auto: set[int]
+) -> dict[int, list[tuple[int, nn.Module]]]:
+    """Make every ModelPruning prune the latent W of the quantized ``layers`` (``id(layer) -> layer``).
+
+    ``(layer, "weight")`` becomes ``(layer.parametrizations.weight, "original")``, so the model uses q(W ⊙ M)
+    and pruned weights stay exactly 0 for every quantizer (sign(0) = 0, code 0). A pruner in ``auto`` (it
+    discovered its parameters after the conversion, which hid the quantized weights) gets them appended.
+    Returns, per pruner, what :func:`restore_pruning` needs to undo this before its next ``setup``.
+    """
+    undo: dict[int, list[tuple[int, nn.Module]]] = {}
+    for cb in _pruners(trainer):
+        entries: list[tuple[nn.Module, str]] = list(cb._parameters_to_prune)
+        changed: list[tuple[int, nn.Module]] = []
+        for i, (module, name) in enumerate(entries):
+            if name == "weight" and id(module) in layers:
+                entries[i] = (module.parametrizations.weight, LATENT_NAME)  # type: ignore[union-attr]
+                changed.append((i, module))
+        if id(cb) in auto and "weight" in cb._parameter_names:
+            held = {id(m) for m, _ in entries}
+            for layer in layers.values():
+                chain = layer.parametrizations.weight  # type: ignore[union-attr]
+                if id(chain) not in held:
+                    entries.append((chain, LATENT_NAME))
+                    changed.append((len(entries) - 1, layer))
+        if not changed:
+            continue
+        cb._parameters_to_prune = entries
+        if cb._original_layers is not None:
+            _retarget_lottery_ticket(cb, changed)
+        undo[id(cb)] = changed
+    return undo
+
+
+def _retarget_lottery_ticket(cb: ModelPruning, changed: list[tuple[int, nn.Module]]) -> None:
+    """Point the lottery-ticket copies of the retargeted entries at the latent W's initial value."""
+    refs: dict[int, Any] = cb._original_layers  # type: ignore[assignment]
+    for i, layer in changed:
+        ref = refs.get(id(layer))
+        if ref is not None:
+            ref["names"] = [(j, n) for j, n in ref["names"] if j != i]
+            copy = ref["data"]
+            initial = (
+                copy.parametrizations.weight.original
+                if parametrize.is_parametrized(copy, "weight")
+                else copy.weight
+            )
+        else:  # appended: the pruner never saw it, its value now is the start of this fit
+            initial = latent_parameter(layer.parametrizations.weight)  # type: ignore[union-attr]
+        holder = nn.Module()
+        holder.register_parameter(LATENT_NAME, nn.Parameter(initial.detach().clone(), requires_grad=False))
+        refs[id(layer.parametrizations.weight)] = {"data": holder, "names": [(i, LATENT_NAME)]}  # type: ignore[union-attr]
+
+
+def restore_pruning(trainer: pl.Trainer, undo: dict[int, list[tuple[int, nn.Module]]]) -> None:
+    """Give each pruner ``(layer, "weight")`` entries again, which its own ``setup`` accepts in a later fit."""
+    for cb in _pruners(trainer):
+        changed = undo.get(id(cb))
+        if not changed:
+            continue
+        entries = list(cb._parameters_to_prune)
+        for i, layer in changed:
+            if i < len(entries) and entries[i][1] == LATENT_NAME:
+                entries[i] = (layer, "weight")
+        cb._parameters_to_prune = entries
