@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -226,7 +227,13 @@ def test_offline_wandb_run_files_hold_the_quant_keys(tmp_path):
     wandb.finish()
 
     (run_file,) = run_dir.glob("*.wandb")
-    history = _wandb_history(run_file)
+    # wandb-core may still be appending the last records when `wandb.finish` has returned.
+    deadline = time.monotonic() + 60
+    while True:
+        history = _wandb_history(run_file)
+        if any("quant/level_occupancy/_type" in row for row in history) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     stats = [row for row in history if "quant/act/alpha" in row]
     assert [row["trainer/global_step"] for row in stats] == [1, 3]
     for row, flips in zip(stats, [0, FLIPPED]):
