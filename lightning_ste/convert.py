@@ -526,9 +526,18 @@ def _edited_graph(owner: _Owner) -> fx.Graph:
     return graph
 
 
+def _import_block(globals_: dict[str, Any]) -> str:
+    """The import block of generated code. String globals (PEP 563 annotations of a ``forward`` in a module
+    with ``from __future__ import annotations``) are assigned, as newer torch does; older torch's
+    ``_format_import_block`` fails on them."""
+    strings = sorted(f"{name} = {obj!r}" for name, obj in globals_.items() if isinstance(obj, str))
+    others = {name: obj for name, obj in globals_.items() if not isinstance(obj, str)}
+    return "\n".join([*strings, _format_import_block(others, sys_importer)])
+
+
 def _compile_forward(module: nn.Module, graph: fx.Graph) -> _TracedForward:
     code = graph.python_code(root_module="self")
-    return _TracedForward(module, code.src, _format_import_block(code.globals, sys_importer), graph)
+    return _TracedForward(module, code.src, _import_block(code.globals), graph)
 
 
 def apply_plan(module: nn.Module, plan: ActivationPlan) -> list[str]:

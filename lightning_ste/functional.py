@@ -273,6 +273,9 @@ def weight_codes(
             scale = mag.flatten().median() if mag.numel() else mag.sum()
         else:
             scale = mag.flatten(1).median(dim=1).values.view(-1, *([1] * (w.dim() - 1)))
+        if binary_scale == "median" and mag.numel():
+            # median|W| ignores a single +-inf; make the scale non-finite then, as the mean is.
+            scale = scale + _amax(mag, dims) * 0
         return sign, scale
     if bits == 2:
         # TWN: threshold 0.7 mean|W|, scale = mean |W| over the kept weights (or over all, BCGD19 code).

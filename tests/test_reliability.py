@@ -1,7 +1,7 @@
 """Reliability across the Lightning lifecycle: resume, crash, DDP, repeated fits, ckpt_path, other callbacks, NaN.
 
-Every test drives a real ``lightning.Trainer`` on CPU with both conversion callbacks on a small real-MNIST
-convolutional network.
+The Trainer tests drive a real ``lightning.Trainer`` on CPU (gloo DDP for the two-process test; the CUDA test
+runs only where a GPU is present) with the conversion callbacks on a small real-MNIST convolutional network.
 """
 
 from __future__ import annotations
@@ -577,12 +577,6 @@ def test_weight_quantizers_never_map_nan_or_inf_onto_a_level(bits, per_channel):
                     assert not bool(torch.isfinite(got)), (bad, shape, ternary_scale, binary_scale)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="functional.weight_codes: median|W| ignores one +-inf, so q(+-inf) = +-median|W| is a finite level "
-    "(fix proposed in the issue-8 report: make the median scale non-finite like the mean's)",
-)
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_binary_median_scale_does_not_map_inf_onto_a_level(per_channel):
     for bad in (float("inf"), -float("inf")):
@@ -644,3 +638,52 @@ def test_alpha_collapsing_to_its_floor_warns_once_with_the_site_name(mnist_root,
     # warning comes right then; otherwise alpha is read only at the epoch's end (after step 3).
     expected = {1: 0, 2: 1, 3: 1, 4: 1} if log_every_n_steps == 1 else {1: 0, 2: 0, 3: 0, 4: 1}
     assert {k: counter.after_step[k] for k in expected} == expected
+
+
+# ------------------------------------------------------------------------------------------- on CUDA
+
+
+class SyncGuard(pl.Callback):
+    """``start``: sync debug mode "error" from batch start; ``log_steps``: lifted on logging steps before
+    QuantizeActivations reads alpha; ``end`` (last): records the mode the step ran under, then lifts it."""
+
+    def __init__(self, role: str, every: int) -> None:
+        self.role, self.every, self.modes = role, every, []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.role == "start":
+            torch.cuda.set_sync_debug_mode("error")
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if self.role == "log_steps" and trainer.global_step % self.every == 0:
+            torch.cuda.set_sync_debug_mode(0)
+        if self.role == "end":
+            self.modes.append(torch.cuda.get_sync_debug_mode())
+            torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_cuda_steps_that_do_not_log_never_synchronise_with_both_callbacks(tmp_path, precision):
+    """Forward, STE backward, blend, alpha-group and alpha-floor hooks: no host sync outside logging steps."""
+    every = 4
+    pl.seed_everything(0)
+    x, y = torch.randn(256, 1, 28, 28), torch.randint(0, 10, (256,))
+    model, end = TinyNet(), SyncGuard("end", every)
+    callbacks = [SyncGuard("start", every), SyncGuard("log_steps", every), *quant_callbacks(), end]
+    trainer = make_trainer(
+        tmp_path,
+        callbacks,
+        accelerator="gpu",
+        max_steps=3 * every,
+        log_every_n_steps=every,
+        precision=precision,
+        deterministic=False,
+    )
+    try:
+        quiet_fit(trainer, model, DataLoader(TensorDataset(x, y), batch_size=32))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert trainer.global_step == 3 * every
+    assert end.modes.count(2) == 3 * every - 3  # every non-logging step ran under "error"
+    assert all(abs(float(a) - 0.6511) > 1e-6 for a in alphas(model).values())
