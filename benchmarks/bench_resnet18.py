@@ -36,13 +36,14 @@ import torchvision
 from torch import nn
 
 import lightning_ste
-from lightning_ste.modules import QuantReLU, WeightQuantizer
+from lightning_ste.blend import bcgd_blend_
+from lightning_ste.convert import quantize_activations_
+from lightning_ste.weights import quantize_weights_, quantized_layers
 
 CONFIGS = (
     "fp32",
     "A4",
     "W1A4",
-    "W1A4 fused",
     "fp32 compiled",
     "A4 compiled",
     "W1A4 compiled",
@@ -90,58 +91,15 @@ def _replace_relus(model: nn.Module, factory: Callable[[], nn.Module]) -> int:
 
 
 def _quantize_activations(model: nn.Module, bits: int) -> None:
-    try:
-        from lightning_ste.convert import quantize_activations_
-    except ImportError:
-        quantize_activations_ = None
-    if quantize_activations_ is not None:
-        quantize_activations_(model, bits=bits)
-    else:  # conversion module not there yet: the same QuantReLU, put in by hand
-        _replace_relus(model, lambda: QuantReLU(bits=bits))
+    quantize_activations_(model, bits=bits)
 
 
-def _quantize_weights(model: nn.Module, bits: int, fused: bool = False) -> Callable[[], None]:
-    """Binary weights (every conv and linear layer) and the BCGD19 blend to run before each optimizer step.
-
-    ``fused``: blend with the one-pass kernel ``lightning_ste._kernels.binary_blend_`` (same values as
-    ``bcgd_blend_`` with binary, mean-scaled weights) instead of recomputing q(W) with torch operations.
-    """
-    if fused:
-        from lightning_ste import _kernels
-        from lightning_ste.weights import quantize_weights_, quantized_layers
-
-        if not _kernels.available():
-            raise Skip("fused CPU kernels unavailable")
-        quantize_weights_(model, bits=bits)
-        weights = [weight for _, _, weight, _ in quantized_layers(model)]
-
-        def fused_blend() -> None:
-            for weight in weights:
-                _kernels.binary_blend_(weight.data, RHO)
-
-        return fused_blend
-    try:
-        from lightning_ste.blend import bcgd_blend_
-        from lightning_ste.weights import quantize_weights_, quantized_layers
-    except ImportError:
-        quantize_weights_ = None
-    if quantize_weights_ is not None:
-        quantize_weights_(model, bits=bits)
-        layers = [(weight, quantizer.quantize) for _, _, weight, quantizer in quantized_layers(model)]
-        return lambda: bcgd_blend_(layers, RHO)
-    pairs = []
-    for module in model.modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            quantizer = WeightQuantizer(bits=bits)
-            torch.nn.utils.parametrize.register_parametrization(module, "weight", quantizer)
-            pairs.append((module.parametrizations.weight.original, quantizer))
-
-    @torch.no_grad()
-    def blend() -> None:  # W <- (1 - rho) W + rho q(W) (BCGD19)
-        for weight, quantizer in pairs:
-            weight.mul_(1 - RHO).add_(quantizer.quantize(weight) * RHO)
-
-    return blend
+def _quantize_weights(model: nn.Module, bits: int) -> Callable[[], None]:
+    """Binary weights (every conv and linear layer) and the BCGD19 blend to run before each optimizer step,
+    as ``BlendedQuantWeights`` does it (the quantizer's own blend: one fused pass for binary CPU weights)."""
+    quantize_weights_(model, bits=bits)
+    layers = [(weight, quantizer) for _, _, weight, quantizer in quantized_layers(model)]
+    return lambda: bcgd_blend_(layers, RHO)
 
 
 def _brevitas(model: nn.Module, weight_bits: int | None) -> None:
@@ -203,11 +161,9 @@ def build(name: str, device: torch.device, channels_last: bool) -> Row:
     base = name.removesuffix(" compiled")
     if base == "A4":
         _quantize_activations(model, 4)
-    elif base == "W1A4 fused" and device.type != "cpu":
-        raise Skip("the fused blend kernel is CPU-only")
-    elif base in ("W1A4", "W1A4 fused"):
+    elif base == "W1A4":
         _quantize_activations(model, 4)
-        after_backward = _quantize_weights(model, 1, fused=base == "W1A4 fused")
+        after_backward = _quantize_weights(model, 1)
     elif name == "brevitas A4":
         _brevitas(model, None)
     elif name == "brevitas W1A4":

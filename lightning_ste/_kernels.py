@@ -256,10 +256,11 @@ at::Tensor abs_mean(const at::Tensor& w) {
   return at::scalar_tensor(n ? total / double(n) : std::nan(""), w.options());
 }
 
-// sign(w) * scale in one pass, with torch.sign's sign(0) = sign(NaN) = 0.
-at::Tensor sign_scale(const at::Tensor& w, const at::Tensor& scale) {
+// sign(w) * scale in one pass into q, with torch.sign's sign(0) = sign(NaN) = 0.
+at::Tensor sign_scale_out(const at::Tensor& w, const at::Tensor& scale, at::Tensor q) {
   TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), "sign_scale: contiguous CPU tensor");
-  at::Tensor q = at::empty_like(w);
+  TORCH_CHECK(q.is_contiguous() && q.sizes() == w.sizes() && q.scalar_type() == w.scalar_type(),
+              "sign_scale_out: out must be a contiguous tensor of w's shape and dtype");
   const int64_t n = w.numel();
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "sign_scale", [&] {
     const scalar_t* p = w.data_ptr<scalar_t>();
@@ -296,6 +297,10 @@ at::Tensor sign_scale(const at::Tensor& w, const at::Tensor& scale) {
     });
   });
   return q;
+}
+
+at::Tensor sign_scale(const at::Tensor& w, const at::Tensor& scale) {
+  return sign_scale_out(w, scale, at::empty_like(w));
 }
 
 // BCGD19 blend for binary weights, in place: w <- w * (1 - rho) + (sign(w) * mean|w|) * rho, in exactly the
@@ -346,6 +351,7 @@ TORCH_LIBRARY(lightning_ste_kernels, m) {
   m.def("binary_blend_(Tensor(a!) w, float rho) -> Tensor(a!)");
   m.def("abs_mean(Tensor w) -> Tensor");
   m.def("sign_scale(Tensor w, Tensor scale) -> Tensor");
+  m.def("sign_scale_out(Tensor w, Tensor scale, Tensor(a!) out) -> Tensor(a!)");
   m.def("qrelu_forward(Tensor x, Tensor alpha, int levels, bool nearest) -> Tensor[]");
   m.def("qrelu_backward(Tensor g, Tensor code, float m0, float m1, float m2, bool want_gx, bool want_sums) -> Tensor[]");
 }
@@ -355,6 +361,7 @@ TORCH_LIBRARY_IMPL(lightning_ste_kernels, CPU, m) {
   m.impl("binary_blend_", &binary_blend_);
   m.impl("abs_mean", &abs_mean);
   m.impl("sign_scale", &sign_scale);
+  m.impl("sign_scale_out", &sign_scale_out);
   m.impl("qrelu_forward", &qrelu_forward);
   m.impl("qrelu_backward", &qrelu_backward);
 }
@@ -494,9 +501,12 @@ def abs_mean(w: Tensor) -> Tensor:
     return torch.ops.lightning_ste_kernels.abs_mean(w)
 
 
-def sign_scale(w: Tensor, scale: Tensor) -> Tensor:
-    """``sign(w) * scale`` in one pass; ``scale`` a 0-dim tensor of ``w``'s dtype."""
-    return torch.ops.lightning_ste_kernels.sign_scale(w, scale)
+def sign_scale(w: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
+    """``sign(w) * scale`` in one pass; ``scale`` a 0-dim tensor of ``w``'s dtype; into ``out`` when given
+    (contiguous, ``w``'s shape and dtype)."""
+    if out is None:
+        return torch.ops.lightning_ste_kernels.sign_scale(w, scale)
+    return torch.ops.lightning_ste_kernels.sign_scale_out(w, scale, out)
 
 
 def binary_blend_(w: Tensor, rho: float) -> Tensor:

@@ -60,12 +60,18 @@ def bcgd_blend_(
 ) -> None:
     """Blend every latent ``W`` of ``layers`` ``(W, q)`` as W <- (1 - ρ) W + ρ q(W) (SPEC §3; BCGD19).
 
+    ``q`` is a callable ``W -> q(W)``; one that also has a ``blend_(W, rho)`` method (a
+    :class:`~lightning_ste.modules.WeightQuantizer`) does the blend itself, in one pass where it can.
     ``finite`` (from :func:`grads_finite`): when it is False the step is one the GradScaler skips, and the
-    blend is skipped too (ρ is multiplied by it on the device, so no synchronisation is needed).
-    ``rho = 0`` (BinaryConnect) does nothing, not even computing q(W).
+    blend is skipped too. On the CPU it is read directly; on an accelerator ρ is multiplied by it on the
+    device, so no synchronisation is needed. ``rho = 0`` (BinaryConnect) does nothing, not even computing q(W).
     """
     if rho == 0.0:
         return
+    if finite is not None and finite.device.type == "cpu":
+        if not bool(finite):
+            return
+        finite = None
     weights: dict[tuple[torch.device, torch.dtype], Tensor | float] = {}
     for latent, quantize in layers:
         key = (latent.device, latent.dtype)
@@ -73,7 +79,11 @@ def bcgd_blend_(
             weights[key] = (
                 rho if finite is None else finite.to(device=latent.device, dtype=latent.dtype) * rho
             )
-        blend_(latent, quantize(latent), weights[key])
+        fused = getattr(quantize, "blend_", None)
+        if fused is not None:
+            fused(latent, weights[key])
+        else:
+            blend_(latent, quantize(latent), weights[key])
 
 
 class RhoSchedule:

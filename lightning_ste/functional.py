@@ -301,10 +301,12 @@ def quantize_weight(
     per_channel: bool = False,
     ternary_scale: str = "twn",
     binary_scale: str = "mean",
+    out: Tensor | None = None,
 ) -> Tensor:
     """Quantized weights q(W) (SPEC §2, BCGD19): binary (bits=1), ternary TWN (2), symmetric b-bit (>=3).
 
     The gradient reaches ``w`` straight through (identity), as the coarse gradient of BCGD19 needs.
+    ``out``: a tensor like ``w`` to write q(W) into instead of allocating one (the result aliases it).
     """
     if not isinstance(w, Tensor) or not w.is_floating_point():
         raise ValueError(f"`w` must be a floating-point tensor, got {getattr(w, 'dtype', type(w).__name__)}")
@@ -314,10 +316,10 @@ def quantize_weight(
     with torch.no_grad():
         wd = w.detach()
         if bits == 1 and binary_scale == "mean" and not per_channel and _kernels.weights_usable(wd):
-            q = _kernels.sign_scale(wd, _kernels.abs_mean(wd))  # two passes over W instead of four
+            q = _kernels.sign_scale(wd, _kernels.abs_mean(wd), out)  # two passes over W instead of four
         else:
             codes, scale = weight_codes(wd, bits, per_channel, ternary_scale, binary_scale)
-            q = codes * scale
+            q = torch.mul(codes, scale, out=out)
     return _StraightThrough.apply(w, q)
 
 

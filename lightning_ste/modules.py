@@ -7,11 +7,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_ste import _kernels
 from lightning_ste import functional as F_ste
+from lightning_ste.blend import blend_ as blend
 
 __all__ = ["ALPHA_MODES", "QuantReLU", "WeightQuantizer"]
 
 ALPHA_MODES = ("learned", "fixed", "calibrate")
+
+# References to a storage: the tensor that owns it and the UntypedStorage object that asks.
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+_IDLE_USE_COUNT = 2
 
 
 class QuantReLU(nn.Module):
@@ -114,14 +120,58 @@ class WeightQuantizer(nn.Module):
             raise ValueError(f"`per_channel` must be a bool, got {per_channel!r}")
         self.bits, self.per_channel = bits, per_channel
         self.ternary_scale, self.binary_scale = ternary_scale, binary_scale
+        self._out: Tensor | None = None
 
     def forward(self, w: Tensor) -> Tensor:
-        return F_ste.quantize_weight(w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale)
+        return F_ste.quantize_weight(
+            w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale, out=self._free_out(w)
+        )
+
+    def _free_out(self, w: Tensor) -> Tensor | None:
+        """Last forward's q(W) storage when nothing holds it any more (its backward has run), else a new one.
+
+        On the CPU a fresh q(W) per step costs page faults as large as the write itself; reusing the
+        storage only once no graph or caller references it keeps every returned q(W) intact.
+        """
+        if w.device.type != "cpu" or _storage_use_count is None or torch.compiler.is_compiling():
+            return None
+        out = self._out
+        if (
+            out is None
+            or out.shape != w.shape
+            or out.dtype != w.dtype
+            or out.stride() != w.stride()
+            or _storage_use_count(out.untyped_storage()._cdata) > _IDLE_USE_COUNT
+        ):
+            out = self._out = torch.empty_like(w)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_out"] = None  # a scratch tensor: not copied, pickled or checkpointed
+        return state
 
     @torch.no_grad()
     def quantize(self, w: Tensor) -> Tensor:
         """q(W) without autograd, for the BCGD blend (the same values the forward uses)."""
         return F_ste.quantize_weight(w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale)
+
+    @torch.no_grad()
+    def blend_(self, w: Tensor, rho: float | Tensor) -> Tensor:
+        """W <- (1 - ρ) W + ρ q(W) in place (SPEC §3, BCGD19), the values of :func:`~lightning_ste.blend.blend_`.
+
+        Binary mean-scaled per-tensor weights on the CPU take one fused pass (the blend is memory-bound and
+        otherwise reads W six times); everything else computes q(W) and blends.
+        """
+        if (
+            self.bits == 1
+            and self.binary_scale == "mean"
+            and not self.per_channel
+            and not isinstance(rho, Tensor)
+            and _kernels.weights_usable(w)
+        ):
+            return _kernels.binary_blend_(w, rho)
+        return blend(w, self.quantize(w), rho)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}, ternary_scale={self.ternary_scale}"

@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_ste.blend import RhoSchedule, bcgd_blend_, blend_, check_rho, grads_finite
 from lightning_ste.functional import quantize_weight
+from lightning_ste.modules import WeightQuantizer
 from lightning_ste.weights import apply_recipe, plan_weights, quantize_weights_, quantized_layers
 
 
@@ -234,3 +235,40 @@ def test_bad_conversion_leaves_module_unchanged(kwargs: dict, name: str) -> None
     after = m.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
     assert not hasattr(m, "_lightning_ste_recipes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"bits": 1},
+        {"bits": 1, "per_channel": True},
+        {"bits": 1, "binary_scale": "median"},
+        {"bits": 2},
+        {"bits": 4, "per_channel": True},
+    ],
+)
+def test_weight_quantizer_blend_equals_the_formula(dtype: torch.dtype, kwargs: dict) -> None:
+    """The quantizer's own (fused where possible) blend gives exactly W.mul_(1 - ρ).add_(q(W) ρ)."""
+    quantizer = WeightQuantizer(**kwargs)
+    gen = torch.Generator().manual_seed(3)
+    for rho in (1e-5, 0.3, 1.0):
+        w = torch.randn(24, 7, 3, 3, generator=gen, dtype=dtype)
+        w[0, 0] = 0.0  # sign(0) = 0 at the boundary
+        expected = w.clone().mul_(1 - rho).add_(quantizer.quantize(w) * rho)
+        assert quantizer.blend_(w, rho) is w
+        assert torch.equal(w, expected), (kwargs, rho)
+        # rho as a device tensor (the accelerator path) gives the same values up to rounding of 1 - rho
+        w2 = torch.randn(5, 9, generator=gen, dtype=dtype)
+        ref = w2.clone().mul_(1 - rho).add_(quantizer.quantize(w2) * rho)
+        torch.testing.assert_close(quantizer.blend_(w2, torch.tensor(rho, dtype=dtype)), ref)
+
+
+def test_bcgd_blend_uses_the_quantizers_blend_and_the_finite_flag() -> None:
+    quantizer = WeightQuantizer(bits=1)
+    w = torch.randn(16, 32)
+    before = w.clone()
+    bcgd_blend_([(w, quantizer)], 0.1, torch.tensor(False))
+    assert torch.equal(w, before)
+    bcgd_blend_([(w, quantizer)], 0.1, torch.tensor(True))
+    assert torch.equal(w, before.clone().mul_(1 - 0.1).add_(quantizer.quantize(before) * 0.1))

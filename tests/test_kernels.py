@@ -8,14 +8,17 @@ channels_last and half-precision inputs.
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lightning_ste import _kernels
 from lightning_ste import functional as F_ste
-from lightning_ste.functional import ALPHA_GRADS, ROUNDINGS, quantized_relu
+from lightning_ste.functional import ALPHA_GRADS, ROUNDINGS, quantize_weight, quantized_relu
+from lightning_ste.modules import WeightQuantizer
 
 pytestmark = pytest.mark.skipif(not _kernels.available(), reason="fused CPU kernels could not be built here")
 
@@ -291,3 +294,37 @@ def test_torch_compile_calls_the_kernels_forward_and_backward() -> None:
     assert len(graphs) == 2 and all("lightning_ste_kernels" in s for s in graphs)
     assert torch.equal(y.detach(), fast[0]) and torch.equal(xi.grad, fast[1])
     torch.testing.assert_close(a.grad, fast[2])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_weight_quantizer_reuses_q_storage_only_when_free(bits: int) -> None:
+    """q(W) is written into last step's storage only once nothing holds it: a pending graph or a caller's
+    reference keeps its values, and a layer shared within one forward gets correct gradients."""
+    quantizer = WeightQuantizer(bits)
+    w = torch.randn(16, 8, 3, 3, requires_grad=True)
+    x = torch.randn(2, 8, 5, 5)
+
+    held = quantizer(w)
+    kept = held.detach().clone()
+    with torch.no_grad():
+        w.add_(1.0)  # a different q(W) next time
+    fresh = quantizer(w)
+    assert fresh.data_ptr() != held.data_ptr() and torch.equal(held, kept)
+    del held, fresh
+
+    first = quantizer(w)
+    address = first.data_ptr()
+    del first
+    assert quantizer(w).data_ptr() == address  # free again: reused
+
+    # one layer used twice in one forward, then backward: the same gradients as without reuse
+    def loss(q1: torch.Tensor, q2: torch.Tensor) -> torch.Tensor:
+        return (F.conv2d(F.conv2d(x, q1, padding=1).relu()[:, :8], q2, padding=1) ** 2).sum()
+
+    loss(quantizer(w), quantizer(w)).backward()
+    got = w.grad.clone()
+    w.grad = None
+    ref = lambda: quantize_weight(w, bits)  # noqa: E731
+    loss(ref(), ref()).backward()
+    assert torch.equal(got, w.grad)
+    assert "_out" not in quantizer.state_dict() and copy.deepcopy(quantizer)._out is None

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_ste.blend import RhoSchedule, RhoScheduleArg, bcgd_blend_, grads_finite
+from lightning_ste.blend import RhoSchedule, RhoScheduleArg, bcgd_blend_, blend_, grads_finite
 from lightning_ste.callbacks._interop import (
     auto_pruners_after,
     latent_parameter,
@@ -165,7 +165,7 @@ class BlendedQuantWeights(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._layers = [
-            (latent_parameter(layer.parametrizations.weight), _blend_target(layer.parametrizations.weight, q))
+            (latent_parameter(layer.parametrizations.weight), _BlendTarget(layer.parametrizations.weight, q))
             for _, layer, _, q in quantized_layers(pl_module)
         ]
         self._per_optimizer.clear()
@@ -193,8 +193,11 @@ class BlendedQuantWeights(Callback):
         layers = [(w, q) for w, q in self._layers_of(optimizer) if w.grad is not None]
         if not layers:
             return
-        # Gradients are unscaled here (16-mixed); scaler.step skips the step when any is not finite.
-        finite = grads_finite(p for group in optimizer.param_groups for p in group["params"])
+        # Gradients are unscaled here (16-mixed); scaler.step skips the step when any is not finite, and so
+        # must the blend. Without a scaler every step is taken, so the check (a pass over all gradients) is not.
+        finite = None
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            finite = grads_finite(p for group in optimizer.param_groups for p in group["params"])
         bcgd_blend_(layers, rho, finite)
 
     def on_save_checkpoint(
@@ -325,11 +328,17 @@ class BlendedQuantWeights(Callback):
         )
 
 
-def _blend_target(chain: nn.Module, quantizer: Any) -> Callable[[Tensor], Tensor]:
+class _BlendTarget:
     """q of the weight the model uses: q(W ⊙ M) while ModelPruning holds a mask M on the latent W."""
 
-    def target(w: Tensor) -> Tensor:
-        mask = pruning_mask(chain)
-        return quantizer.quantize(w if mask is None else w * mask)
+    def __init__(self, chain: nn.Module, quantizer: Any) -> None:
+        self.chain, self.quantizer = chain, quantizer
 
-    return target
+    def __call__(self, w: Tensor) -> Tensor:
+        mask = pruning_mask(self.chain)
+        return self.quantizer.quantize(w if mask is None else w * mask)
+
+    def blend_(self, w: Tensor, rho: float | Tensor) -> Tensor:
+        if pruning_mask(self.chain) is None:
+            return self.quantizer.blend_(w, rho)
+        return blend_(w, self(w), rho)
