@@ -387,7 +387,8 @@ def half_gaussian_resolution(bits: int, rounding: str = "nearest") -> float:
 
     ``argmin_alpha E[(x - sigma(x))^2]``, ``x ~ |N(0, 1)|``: 1.2221 (b=1), 0.6511 (b=2), 0.1946 (b=4) with
     nearest rounding (the papers' values); other cases in closed form per interval, minimised by
-    golden-section search.
+    golden-section search. The quantizers start from the nearest-rounding value whatever their own rounding,
+    as the papers' code does with its ceil quantizer (SPEC §1.3); the ceil optimum is smaller (0.4866, b=2).
     """
     check_bits(bits)
     check_choice("rounding", rounding, ROUNDINGS)
