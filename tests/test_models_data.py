@@ -140,3 +140,21 @@ def test_imagenet_wrong_root_names_the_expected_layout(tmp_path: Path) -> None:
     (tmp_path / "train").mkdir()
     with pytest.raises(FileNotFoundError, match=r"lacks val/.*<root>/train/<class>/<image>.JPEG"):
         ImageNetDataModule(root=str(tmp_path)).prepare_data()
+
+
+def test_tensor_loader_serves_the_batches_a_plain_loader_would() -> None:
+    """One index per batch gives the same batches, in the same shuffled order, as batch_size single items."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_ste.data.common import tensor_loader
+
+    x, y = torch.randn(203, 1, 4, 4), torch.arange(203)
+    for shuffle, drop_last in ((True, False), (False, True)):
+        torch.manual_seed(5)
+        got = list(tensor_loader(x, y, 16, shuffle=shuffle, drop_last=drop_last))
+        torch.manual_seed(5)
+        plain = DataLoader(TensorDataset(x, y), batch_size=16, shuffle=shuffle, drop_last=drop_last)
+        expected = list(plain)
+        assert len(got) == len(expected)
+        for (gx, gy), (ex, ey) in zip(got, expected):
+            assert torch.equal(gx, ex) and torch.equal(gy, ey)

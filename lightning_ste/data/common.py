@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-__all__ = ["DATA_ENV", "resolve_root", "subset_indices", "tensor_loader"]
+__all__ = ["DATA_ENV", "BatchIndexedTensors", "resolve_root", "subset_indices", "tensor_loader"]
 
 DATA_ENV = "LIGHTNING_STE_DATA"
 
@@ -30,8 +30,28 @@ def subset_indices(n: int, size: int | None, seed: int) -> Tensor | None:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size]
 
 
+class BatchIndexedTensors(TensorDataset):
+    """A TensorDataset the DataLoader reads a whole batch from with one index per tensor (``__getitems__``)
+    instead of ``batch_size`` single items and a stack; samplers (shuffle, Lightning's DistributedSampler)
+    are unchanged."""
+
+    def __getitems__(self, indices: list[int]) -> tuple[Tensor, ...]:
+        index = torch.as_tensor(indices)
+        return tuple(t[index] for t in self.tensors)
+
+
+def _as_is(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    return batch
+
+
 def tensor_loader(
     x: Tensor, y: Tensor, batch_size: int, shuffle: bool, drop_last: bool = False
 ) -> DataLoader:
     """A DataLoader over in-memory tensors (no workers: indexing a tensor is cheaper than a worker hop)."""
-    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
+    return DataLoader(
+        BatchIndexedTensors(x, y),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        collate_fn=_as_is,
+    )
