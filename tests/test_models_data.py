@@ -158,3 +158,36 @@ def test_tensor_loader_serves_the_batches_a_plain_loader_would() -> None:
         assert len(got) == len(expected)
         for (gx, gy), (ex, ey) in zip(got, expected):
             assert torch.equal(gx, ex) and torch.equal(gy, ey)
+
+
+def test_imagenet_batches_are_uint8_in_workers_and_normalised_after_transfer(tmp_path: Path) -> None:
+    """Workers hand over uint8 crops; on_after_batch_transfer gives what ToTensor + Normalize would."""
+    from PIL import Image
+    from torchvision import transforms
+
+    from lightning_ste.data.imagenet import MEAN, STD
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            folder = tmp_path / split / f"n{c:08d}"
+            folder.mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / "a.JPEG")
+    data = ImageNetDataModule(
+        root=str(tmp_path), batch_size=2, val_batch_size=2, num_workers=0, crop_size=32, resize_size=36
+    )
+    data.setup("fit")
+    x, y = next(iter(data.val_dataloader()))
+    assert x.dtype == torch.uint8 and x.shape == (2, 3, 32, 32)
+    got, got_y = data.on_after_batch_transfer((x, y), 0)
+    reference = transforms.Compose(
+        [
+            transforms.Resize(36),
+            transforms.CenterCrop(32),
+            transforms.ToTensor(),
+            transforms.Normalize(MEAN, STD),
+        ]
+    )
+    expected = torch.stack([reference(Image.open(path).convert("RGB")) for path, _ in data.val_data.samples])
+    assert got.dtype == torch.float32 and torch.equal(got_y, y)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)

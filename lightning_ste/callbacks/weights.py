@@ -256,7 +256,9 @@ class BlendedQuantWeights(Callback):
                 "`keep_first_last=True` needs one batch at setup to find the first and last layer in execution "
                 "order: set `example_input_array` on the LightningModule or give the Trainer a dataloader"
             )
-        batch = next(iter(loader))
+        # The batch the model will see: through the same transfer hooks (a data module's on_after_batch_transfer
+        # may normalise uint8 images, as ImageNetDataModule does).
+        batch = pl_module._apply_batch_transfer_handler(next(iter(loader)))
         if isinstance(batch, Tensor):
             return batch
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
