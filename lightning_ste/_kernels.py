@@ -305,9 +305,10 @@ at::Tensor sign_scale(const at::Tensor& w, const at::Tensor& scale) {
 
 // BCGD19 blend for binary weights, in place: w <- w * (1 - rho) + (sign(w) * mean|w|) * rho, in exactly the
 // order of operations (and the float32 rounding) of latent.mul_(1 - rho).add_(q * rho).
-at::Tensor binary_blend_(at::Tensor w, double rho) {
+// scale: mean|w| when the caller has it already (the forward computed it for this same w), else computed.
+at::Tensor binary_blend_(at::Tensor w, double rho, const c10::optional<at::Tensor>& known_scale) {
   TORCH_CHECK(w.device().is_cpu() && w.is_contiguous(), "binary_blend_: contiguous CPU tensor");
-  const at::Tensor scale = abs_mean(w);
+  const at::Tensor scale = known_scale.has_value() ? *known_scale : abs_mean(w);
   const int64_t n = w.numel();
   AT_DISPATCH_FLOATING_TYPES(w.scalar_type(), "binary_blend_", [&] {
     scalar_t* p = w.data_ptr<scalar_t>();
@@ -348,7 +349,7 @@ at::Tensor binary_blend_(at::Tensor w, double rho) {
 }
 
 TORCH_LIBRARY(lightning_ste_kernels, m) {
-  m.def("binary_blend_(Tensor(a!) w, float rho) -> Tensor(a!)");
+  m.def("binary_blend_(Tensor(a!) w, float rho, Tensor? scale=None) -> Tensor(a!)");
   m.def("abs_mean(Tensor w) -> Tensor");
   m.def("sign_scale(Tensor w, Tensor scale) -> Tensor");
   m.def("sign_scale_out(Tensor w, Tensor scale, Tensor(a!) out) -> Tensor(a!)");
@@ -509,10 +510,14 @@ def sign_scale(w: Tensor, scale: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.ops.lightning_ste_kernels.sign_scale_out(w, scale, out)
 
 
-def binary_blend_(w: Tensor, rho: float) -> Tensor:
+def binary_blend_(w: Tensor, rho: float, scale: Tensor | None = None) -> Tensor:
     """BCGD19 blend of binary weights in place, one read and one write: ``w <- (1 - rho) w + rho q(w)``,
-    ``q(w) = sign(w) * mean|w|``, rounded exactly as ``w.mul_(1 - rho).add_(q * rho)``."""
-    return torch.ops.lightning_ste_kernels.binary_blend_(w, float(rho))
+    ``q(w) = sign(w) * mean|w|``, rounded exactly as ``w.mul_(1 - rho).add_(q * rho)``; ``scale``: mean|w| when
+    already known (then the read that computes it is skipped)."""
+    torch.ops.lightning_ste_kernels.binary_blend_(w, float(rho), scale)
+    # An in-place change autograd must see (the op has no autograd kernel to bump the version).
+    torch.autograd.graph.increment_version(w)
+    return w
 
 
 def code_planes(x: Tensor, top: Tensor) -> Tensor:

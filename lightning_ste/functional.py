@@ -315,11 +315,21 @@ def quantize_weight(
     check_choice("binary_scale", binary_scale, BINARY_SCALES)
     with torch.no_grad():
         wd = w.detach()
-        if bits == 1 and binary_scale == "mean" and not per_channel and _kernels.weights_usable(wd):
+        if one_pass_binary(wd, bits, per_channel, binary_scale):
             q = _kernels.sign_scale(wd, _kernels.abs_mean(wd), out)  # two passes over W instead of four
         else:
             codes, scale = weight_codes(wd, bits, per_channel, ternary_scale, binary_scale)
             q = torch.mul(codes, scale, out=out)
+    return straight_through(w, q)
+
+
+def one_pass_binary(w: Tensor, bits: int, per_channel: bool, binary_scale: str) -> bool:
+    """Whether q(W) = sign(W)·mean|W| runs on the fused CPU kernels (binary, mean scale, per tensor)."""
+    return bits == 1 and binary_scale == "mean" and not per_channel and _kernels.weights_usable(w)
+
+
+def straight_through(w: Tensor, q: Tensor) -> Tensor:
+    """``q`` in the forward, the gradient passed to ``w`` unchanged in the backward (BCGD19 coarse gradient)."""
     return _StraightThrough.apply(w, q)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -121,10 +122,19 @@ class WeightQuantizer(nn.Module):
         self.bits, self.per_channel = bits, per_channel
         self.ternary_scale, self.binary_scale = ternary_scale, binary_scale
         self._out: Tensor | None = None
+        self._scale: tuple[weakref.ref, int, Tensor] | None = None  # (W, W._version, mean|W|), last forward
 
     def forward(self, w: Tensor) -> Tensor:
+        out = self._free_out(w)
+        if F_ste.one_pass_binary(w, self.bits, self.per_channel, self.binary_scale):
+            with torch.no_grad():
+                scale = _kernels.abs_mean(w.detach())
+                q = _kernels.sign_scale(w.detach(), scale, out)
+            # The BCGD blend of this same W (unchanged since: same version) reuses mean|W|, saving a read of W.
+            self._scale = (weakref.ref(w), w._version, scale)
+            return F_ste.straight_through(w, q)
         return F_ste.quantize_weight(
-            w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale, out=self._free_out(w)
+            w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale, out=out
         )
 
     def _free_out(self, w: Tensor) -> Tensor | None:
@@ -148,7 +158,7 @@ class WeightQuantizer(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_out"] = None  # a scratch tensor: not copied, pickled or checkpointed
+        state["_out"] = state["_scale"] = None  # scratch: not copied, pickled or checkpointed
         return state
 
     @torch.no_grad()
@@ -163,14 +173,13 @@ class WeightQuantizer(nn.Module):
         Binary mean-scaled per-tensor weights on the CPU take one fused pass (the blend is memory-bound and
         otherwise reads W six times); everything else computes q(W) and blends.
         """
-        if (
-            self.bits == 1
-            and self.binary_scale == "mean"
-            and not self.per_channel
-            and not isinstance(rho, Tensor)
-            and _kernels.weights_usable(w)
+        if not isinstance(rho, Tensor) and F_ste.one_pass_binary(
+            w, self.bits, self.per_channel, self.binary_scale
         ):
-            return _kernels.binary_blend_(w, rho)
+            known = self._scale
+            scale = known[2] if known is not None and known[0]() is w and known[1] == w._version else None
+            self._scale = None  # W changes now
+            return _kernels.binary_blend_(w, rho, scale)
         return blend(w, self.quantize(w), rho)
 
     def extra_repr(self) -> str:

@@ -272,3 +272,26 @@ def test_bcgd_blend_uses_the_quantizers_blend_and_the_finite_flag() -> None:
     assert torch.equal(w, before)
     bcgd_blend_([(w, quantizer)], 0.1, torch.tensor(True))
     assert torch.equal(w, before.clone().mul_(1 - 0.1).add_(quantizer.quantize(before) * 0.1))
+
+
+def test_blend_reuses_the_forward_scale_only_for_the_same_unchanged_weight() -> None:
+    """After a forward, the blend of that same W uses the forward's mean|W| (same values as computing it);
+    once W changed (an optimizer step, a blend) it computes mean|W| again."""
+    quantizer = WeightQuantizer(bits=1)
+    w = nn.Parameter(torch.randn(32, 16, 3, 3))
+    for step in range(3):
+        quantizer(w)
+        with torch.no_grad():
+            expected = w.detach().clone()
+            q = quantize_weight(expected, 1)
+            expected.mul_(1 - 0.2).add_(q * 0.2)
+            version = w._version
+            quantizer.blend_(w, 0.2)
+            assert w._version > version  # the in-place blend is visible to autograd
+            assert torch.equal(w, expected), step
+            # a second blend without a forward must not reuse the (now stale) scale
+            q = quantize_weight(expected, 1)
+            expected.mul_(1 - 0.2).add_(q * 0.2)
+            quantizer.blend_(w, 0.2)
+            assert torch.equal(w, expected), step
+            w.add_(torch.randn_like(w) * 0.1)  # an optimizer step
