@@ -131,7 +131,8 @@ class WeightQuantizer(nn.Module):
                 scale = _kernels.abs_mean(w.detach())
                 q = _kernels.sign_scale(w.detach(), scale, out)
             # The BCGD blend of this same W (unchanged since: same version) reuses mean|W|, saving a read of W.
-            self._scale = (weakref.ref(w), w._version, scale)
+            # (Inference tensors have no version and are never trained.)
+            self._scale = None if w.is_inference() else (weakref.ref(w), w._version, scale)
             return F_ste.straight_through(w, q)
         return F_ste.quantize_weight(
             w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale, out=out

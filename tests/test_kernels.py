@@ -328,3 +328,9 @@ def test_weight_quantizer_reuses_q_storage_only_when_free(bits: int) -> None:
     loss(ref(), ref()).backward()
     assert torch.equal(got, w.grad)
     assert "_out" not in quantizer.state_dict() and copy.deepcopy(quantizer)._out is None
+
+
+def test_weight_quantizer_accepts_inference_tensors() -> None:
+    with torch.inference_mode():
+        w = torch.randn(8, 4)
+        torch.testing.assert_close(WeightQuantizer(1)(w), torch.sign(w) * w.abs().mean())

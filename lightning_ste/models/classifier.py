@@ -43,9 +43,10 @@ class Classifier(pl.LightningModule):
     """Image/vector classifier around a network of :mod:`lightning_ste.models` (YLZ19, BCGD19, LYX21 recipes).
 
     Logs ``train/loss`` (every ``log_every_n_steps`` steps), ``train/acc`` (per epoch), ``val/loss``,
-    ``val/acc`` (and ``val/acc_top5`` with ``top5=True``) through torchmetrics; SGD (momentum, weight decay) or Adam with a step-wise ``MultiStepLR`` at
-    ``milestones`` (epochs). ``init_from`` loads float weights at construction, before the quantization
-    callbacks convert the network in ``setup`` (the papers start every quantized run from a float model).
+    ``val/acc`` (and ``val/acc_top5`` with ``top5=True``) through torchmetrics; SGD (momentum, weight decay)
+    or Adam with a step-wise ``MultiStepLR`` at ``milestones`` (epochs). ``init_from`` loads float weights at
+    construction, before the quantization callbacks convert the network in ``setup`` (the papers start every
+    quantized run from a float model).
     """
 
     def __init__(
