@@ -191,3 +191,36 @@ def test_imagenet_batches_are_uint8_in_workers_and_normalised_after_transfer(tmp
     expected = torch.stack([reference(Image.open(path).convert("RGB")) for path, _ in data.val_data.samples])
     assert got.dtype == torch.float32 and torch.equal(got_y, y)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_classifier_logs_loss_at_the_logger_cadence_and_accuracy_per_epoch(
+    mnist_root: Path, tmp_path: Path
+) -> None:
+    """A real Trainer with a CSVLogger on an MNIST subset: train/loss on every log_every_n_steps-th step,
+    train/acc once per epoch (the accuracy over the whole epoch), val/acc per epoch."""
+    import csv
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    pl.seed_everything(0)
+    data = MNISTDataModule(root=str(mnist_root), batch_size=32, subset=320, val_subset=200, download=False)
+    model = Classifier(arch="lenet5", lr=0.05)
+    logger = CSVLogger(tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        log_every_n_steps=4,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(model, datamodule=data)
+    with open(Path(logger.log_dir) / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    loss_steps = [int(r["step"]) for r in rows if r.get("train/loss")]
+    acc_rows = [r for r in rows if r.get("train/acc")]
+    assert loss_steps == [3, 7, 11, 15, 19]  # 10 batches per epoch, 20 steps, every 4th (0-based 3, 7, ...)
+    assert len(acc_rows) == 2 and all(0.0 <= float(r["train/acc"]) <= 1.0 for r in acc_rows)
+    assert sum(1 for r in rows if r.get("val/acc")) == 2
