@@ -22,7 +22,7 @@ import copy
 import inspect
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -181,6 +181,7 @@ class ActivationPlan:
     not_traced: list[tuple[str, str, str]]  # (module name, class name, reason)
     _locations: dict[str, tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
     _owners: dict[str, _Owner] = field(default_factory=dict, repr=False)
+    _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)  # filled by apply_plan
 
     @property
     def names(self) -> list[str]:
@@ -545,13 +546,18 @@ def apply_plan(module: nn.Module, plan: ActivationPlan) -> list[str]:
     # Everything that can fail (code generation) happens before the first assignment.
     forwards = {name: _compile_forward(o.module, _edited_graph(o)) for name, o in plan._owners.items()}
     quantizers = {site.name: _make_quantizer(plan.arguments) for site in plan.sites}
+    undo = plan._undo
+    undo.clear()
     for site in plan.sites:
         parent, attr = plan._locations[site.name]
+        undo.append(_restorer(parent, attr, parent._modules.get(attr, _ABSENT)))
         setattr(parent, attr, quantizers[site.name])
     for name, forward in forwards.items():
         owner = plan._owners[name].module
+        undo.append(_restorer(owner, "forward", owner.__dict__.get("forward", _ABSENT)))
         if "forward" in owner.__dict__ and _is_lightning_compiled_forward(owner):
             ctx = owner._compiler_ctx
+            undo.append(_restorer(ctx, "original_forward", ctx["original_forward"]))
             ctx["original_forward"] = forward
             owner.forward = ctx["dynamo_ctx"](forward)
         else:
@@ -560,15 +566,47 @@ def apply_plan(module: nn.Module, plan: ActivationPlan) -> list[str]:
     if recipes is None:
         recipes = []
         module._lightning_ste_recipes = recipes
-    recipes.append(
-        {
-            "kind": RECIPE_KIND,
-            "version": RECIPE_VERSION,
-            "arguments": copy.deepcopy(plan.arguments),
-            "sites": plan.names,
-        }
-    )
+    recipe = {
+        "kind": RECIPE_KIND,
+        "version": RECIPE_VERSION,
+        "arguments": copy.deepcopy(plan.arguments),
+        "sites": plan.names,
+    }
+    recipes.append(recipe)
+    undo.append(lambda: _drop_recipe(module, recipe))
     return plan.names
+
+
+def revert_plan(plan: ActivationPlan) -> None:
+    """Undo :func:`apply_plan`: the ReLUs, forwards and recipe list exactly as they were before it."""
+    while plan._undo:
+        plan._undo.pop()()
+
+
+_ABSENT = object()
+
+
+def _drop_recipe(module: nn.Module, recipe: dict[str, Any]) -> None:
+    recipes = module.__dict__.get("_lightning_ste_recipes") or []
+    recipes[:] = [r for r in recipes if r is not recipe]
+    if not recipes:
+        module.__dict__.pop("_lightning_ste_recipes", None)
+
+
+def _restorer(obj: Any, name: str, old: Any) -> Callable[[], None]:
+    """Put back ``obj``'s ``name`` (a child module, an instance attribute or a dict entry) as it was."""
+
+    def restore() -> None:
+        if isinstance(obj, dict):
+            obj[name] = old
+        elif old is _ABSENT and name in obj._modules:
+            delattr(obj, name)
+        elif old is _ABSENT:
+            obj.__dict__.pop(name, None)
+        else:
+            setattr(obj, name, old)
+
+    return restore
 
 
 # ----------------------------------------------------------------------------------------------- printing

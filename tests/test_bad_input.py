@@ -217,22 +217,30 @@ def test_blended_quant_weights_refuses_invalid_arguments_at_construction(drawn):
         {}, optional={n: st.sampled_from(WEIGHT_VALID[n]) for n in ("bits", "per_channel")}
     ),
     st.sampled_from(["activations", "weights"]),
+    st.booleans(),
 )
 def test_selection_that_finds_nothing_fails_at_setup_and_leaves_the_model_unchanged(
-    act_selection, act_extra, weight_selection, weight_extra, which
+    act_selection, act_extra, weight_selection, weight_extra, which, partner_first
 ):
+    """Also with the other callback listed first and converting the model before this one fails: both
+    conversions are undone (nothing half-converted)."""
     model = Small()
     before = snapshot(model)
     if which == "activations":
         (selection, culprit), extra = act_selection, act_extra
         callback: pl.Callback = QuantizeActivations(**{**extra, **selection})
+        partner: pl.Callback = BlendedQuantWeights()
     else:
         (selection, culprit), extra = weight_selection, weight_extra
         callback = BlendedQuantWeights(**{**extra, **selection})
+        partner = QuantizeActivations()
     with pytest.raises(ValueError) as error:
-        fit(model, [callback])
+        fit(model, [partner, callback] if partner_first else [callback])
     assert names_argument(str(error.value), {culprit}), str(error.value)
     assert_unchanged(model, before)
+    if partner_first:  # the model still trains afterwards, converted by working callbacks
+        fit(model, [QuantizeActivations(), BlendedQuantWeights()])
+        assert hasattr(model, "_lightning_ste_recipes")
 
 
 @SETTINGS

@@ -14,11 +14,13 @@ from torch import nn
 
 from lightning_ste.callbacks._interop import recopy_earlier_swa
 from lightning_ste.convert import (
+    ActivationPlan,
     apply_plan,
     check_activation_arguments,
     find_recipe,
     format_plan,
     plan_activations,
+    revert_plan,
 )
 from lightning_ste.functional import ALPHA_FLOOR
 from lightning_ste.modules import QuantReLU
@@ -73,6 +75,7 @@ class QuantizeActivations(Callback):
         self._calibrating: list[tuple[QuantReLU, int]] = []
         self._at_floor: set[str] = set()  # sites already warned about, so each is named once
         self._floor_checked_at = -1
+        self._applied: ActivationPlan | None = None  # this setup's conversion, undone if the run fails early
 
     @property
     def state_key(self) -> str:
@@ -82,6 +85,7 @@ class QuantizeActivations(Callback):
         return [pl_module.get_submodule(name) for name in self.sites]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._applied = None
         recipe = find_recipe(pl_module, self._arguments)
         if recipe is not None:  # converted by an earlier fit/validate/test (or by hand, same arguments)
             self.sites = list(recipe["sites"])
@@ -93,9 +97,23 @@ class QuantizeActivations(Callback):
         rank_zero_info(format_plan(plan, dry_run=self.dry_run))
         if not self.dry_run:
             self.sites = apply_plan(pl_module, plan)
+            self._applied = plan
             recopy_earlier_swa(trainer, pl_module, self, stage)
 
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # A failure before training starts (another callback's setup, restoring ckpt_path) leaves the model as
+        # it was given, not half-converted; once fit has started, the converted model is the run's state.
+        if self._applied is not None:
+            revert_plan(self._applied)
+            self._applied, self.sites = None, []
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._applied = None
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._applied = None
         # Optimizers exist now (strategy.setup); their state is restored from a checkpoint only after this
         # hook, so a param group added here is there again, in the same place, when a run resumes.
         alphas = [q.alpha for q in self._quantizers(pl_module) if isinstance(q.alpha, nn.Parameter)]

@@ -95,6 +95,7 @@ class BlendedQuantWeights(Callback):
         self.bits, self.per_channel, self.keep_first_last = bits, per_channel, keep_first_last
         self.ternary_scale, self.binary_scale, self.dry_run = ternary_scale, binary_scale, dry_run
         self._load_hook: RemovableHandle | None = None
+        self._applied = False  # this setup converted the model: undone if the run fails before training
         self._layers: list[tuple[Tensor, Callable[[Tensor], Tensor]]] = []
         self._per_optimizer: dict[
             int, tuple[tuple[int, int], list[tuple[Tensor, Callable[[Tensor], Tensor]]]]
@@ -110,6 +111,7 @@ class BlendedQuantWeights(Callback):
     # ------------------------------------------------------------------------------------- lifecycle
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._applied = False
         if has_weights_recipe(pl_module):
             # A second fit/validate/test on the same module, or a module converted by hand: keep it as it is.
             rank_zero_info(
@@ -121,6 +123,7 @@ class BlendedQuantWeights(Callback):
         else:
             plan = self._plan(trainer, pl_module, stage)
             apply_plan(pl_module, plan)
+            self._applied = True
             rank_zero_info(plan.format("BlendedQuantWeights"))
             recopy_earlier_swa(trainer, pl_module, self, stage)
         if self.dry_run:
@@ -157,6 +160,7 @@ class BlendedQuantWeights(Callback):
         )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._applied = False
         if self.dry_run:
             return
         # Every setup hook has run: ModelPruning's (layer, "weight") entries now become the latent W.
@@ -207,7 +211,24 @@ class BlendedQuantWeights(Callback):
         if recipes:
             checkpoint["lightning_ste"] = {"recipes": copy.deepcopy(recipes)}
 
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # A failure before training starts (another callback's setup, restoring ckpt_path) leaves the model as
+        # it was given, not half-converted; once fit has started, the converted model is the run's state.
+        if self._applied:
+            # This setup found no quantized weights, so none is the state to go back to (a checkpoint's recipe
+            # may have changed the layers since).
+            self._applied = False
+            remove_quantization_(pl_module)
+            recipes = getattr(pl_module, RECIPES_ATTR, [])
+            recipes[:] = [r for r in recipes if r.get("kind") != RECIPE_KIND]
+            if not recipes:
+                pl_module.__dict__.pop(RECIPES_ATTR, None)
+            self._remove_load_hook()
+
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._applied = False
         self._remove_load_hook()
         restore_pruning(trainer, self._pruning_undo)
         self._pruning_undo = {}
