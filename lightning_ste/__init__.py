@@ -21,8 +21,8 @@ _LAZY = {
     "quantize_activations_": "lightning_ste.convert",
     "quantize_weights_": "lightning_ste.weights",
     "load_from_checkpoint": "lightning_ste.checkpoint",
-    "summary": "lightning_ste.summary",
-    "QuantSummary": "lightning_ste.summary",
+    "summary": "lightning_ste.model_summary",
+    "QuantSummary": "lightning_ste.model_summary",
     "QuantTelemetry": "lightning_ste.telemetry",
     "export": "lightning_ste.export",
 }

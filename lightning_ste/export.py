@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_ste import functional as F_ste
+from lightning_ste.model_summary import quantized_weight_layers, weight_quantizer
 from lightning_ste.modules import QuantReLU, WeightQuantizer
-from lightning_ste.summary import quantized_weight_layers, weight_quantizer
 
 __all__ = ["FrozenQuantReLU", "freeze", "load_packed", "pack_bits", "save_packed", "to_onnx", "unpack_bits"]
 

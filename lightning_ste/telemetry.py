@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_ste import functional as F_ste
+from lightning_ste.model_summary import quantized_weight_layers
 from lightning_ste.modules import QuantReLU, WeightQuantizer
-from lightning_ste.summary import quantized_weight_layers
 
 __all__ = ["QuantTelemetry", "level_counts"]
 

@@ -32,7 +32,7 @@ from lightning_ste.export import (
     to_onnx,
     unpack_bits,
 )
-from lightning_ste.summary import summary
+from lightning_ste.model_summary import summary
 
 
 def resnet18_w1a4() -> nn.Module:

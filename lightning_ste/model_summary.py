@@ -8,8 +8,6 @@ channel) at the weight's dtype width. Ternary weights count 2 bits (their packed
 
 from __future__ import annotations
 
-import sys
-import types
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -235,14 +233,3 @@ class QuantSummary(Callback):
             return
         self.last_summary = summary(pl_module)
         rank_zero_info("\n" + str(self.last_summary))
-
-
-class _CallableModule(types.ModuleType):
-    """``lightning_ste.summary`` is both this module and the function: the package attribute resolves to the
-    submodule once it is imported, so calling the module calls :func:`summary`."""
-
-    def __call__(self, model: nn.Module) -> QuantModelSummary:
-        return summary(model)
-
-
-sys.modules[__name__].__class__ = _CallableModule
