@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
@@ -45,6 +46,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root).expanduser() if root is not None else resolve_root(None) / "imagenet"
+        self._normalizers: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
     def _check_layout(self) -> None:
         missing = [s for s in ("train", "val") if not (self.root / s).is_dir()]
@@ -102,8 +104,10 @@ class ImageNetDataModule(pl.LightningDataModule):
         """uint8 images -> float, normalised with ImageNet's mean and std, on the device they were moved to."""
         x, *rest = batch
         if x.dtype == torch.uint8:
-            mean = torch.tensor(MEAN, device=x.device).view(1, -1, 1, 1) * 255
-            std = torch.tensor(STD, device=x.device).view(1, -1, 1, 1) * 255
+            if x.device not in self._normalizers:  # once per device, not a host-to-device copy per batch
+                scaled = torch.tensor([MEAN, STD], device=x.device).view(2, 1, -1, 1, 1) * 255
+                self._normalizers[x.device] = (scaled[0], scaled[1])
+            mean, std = self._normalizers[x.device]
             x = (x.float() - mean) / std
         return (x, *rest)
 
