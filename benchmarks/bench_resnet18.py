@@ -90,10 +90,6 @@ def _replace_relus(model: nn.Module, factory: Callable[[], nn.Module]) -> int:
     return count
 
 
-def _quantize_activations(model: nn.Module, bits: int) -> None:
-    quantize_activations_(model, bits=bits)
-
-
 def _quantize_weights(model: nn.Module, bits: int) -> Callable[[], None]:
     """Binary weights (every conv and linear layer) and the BCGD19 blend to run before each optimizer step,
     as ``BlendedQuantWeights`` does it (the quantizer's own blend: one fused pass for binary CPU weights)."""
@@ -160,9 +156,9 @@ def build(name: str, device: torch.device, channels_last: bool) -> Row:
     after_backward = None
     base = name.removesuffix(" compiled")
     if base == "A4":
-        _quantize_activations(model, 4)
+        quantize_activations_(model, bits=4)
     elif base == "W1A4":
-        _quantize_activations(model, 4)
+        quantize_activations_(model, bits=4)
         after_backward = _quantize_weights(model, 1)
     elif name == "brevitas A4":
         _brevitas(model, None)
