@@ -149,24 +149,18 @@ def recipe_overrides(
         "0",
     ]
     group, name = recipe.split("/")
+    starts_from_float = "init_from" in (REPO / "recipes" / recipe).read_text()
+    # CIFAR-10 and ImageNet read generated images: no worker processes, tiny batches.
+    small_loaders = ["--data.num_workers", "0", "--data.batch_size", "4", "--data.val_batch_size", "4"]
     if name == "teacher_student.yaml":
         args += ["--data.batch_size", "500"]
     if group == "mnist":
         args += ["--data.root", str(mnist), "--data.subset", "256", "--data.val_subset", "128"]
-        if "init_from" in (REPO / "recipes" / recipe).read_text():
+        if starts_from_float:
             args += ["--model.init_from", str(ckpts["lenet5"])]
     elif group == "cifar10":
-        args += [
-            "--data.root",
-            str(cifar),
-            "--data.num_workers",
-            "0",
-            "--data.batch_size",
-            "4",
-            "--data.val_batch_size",
-            "4",
-        ]
-        if "init_from" in (REPO / "recipes" / recipe).read_text():
+        args += ["--data.root", str(cifar), *small_loaders]
+        if starts_from_float:
             args += ["--model.init_from", str(ckpts[name.split("_")[0]])]
         if name == "vgg11_w1a4_bcgd.yaml":
             args[args.index("32-true")] = "bf16-mixed"
@@ -174,12 +168,7 @@ def recipe_overrides(
         args += [
             "--data.root",
             str(imagenet),
-            "--data.num_workers",
-            "0",
-            "--data.batch_size",
-            "4",
-            "--data.val_batch_size",
-            "4",
+            *small_loaders,
             "--data.crop_size",
             "32",
             "--data.resize_size",
