@@ -316,7 +316,7 @@ def quantize_weight(
     with torch.no_grad():
         wd = w.detach()
         if one_pass_binary(wd, bits, per_channel, binary_scale):
-            q = _kernels.sign_scale(wd, _kernels.abs_mean(wd), out)  # two passes over W instead of four
+            q, _ = one_pass_binary_weight(wd, out)
         else:
             codes, scale = weight_codes(wd, bits, per_channel, ternary_scale, binary_scale)
             q = torch.mul(codes, scale, out=out)
@@ -326,6 +326,13 @@ def quantize_weight(
 def one_pass_binary(w: Tensor, bits: int, per_channel: bool, binary_scale: str) -> bool:
     """Whether q(W) = sign(W)·mean|W| runs on the fused CPU kernels (binary, mean scale, per tensor)."""
     return bits == 1 and binary_scale == "mean" and not per_channel and _kernels.weights_usable(w)
+
+
+def one_pass_binary_weight(w: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """``(sign(W)·mean|W|, mean|W|)`` on the fused kernels, where :func:`one_pass_binary` holds: two passes
+    over W instead of four; no autograd."""
+    scale = _kernels.abs_mean(w)
+    return _kernels.sign_scale(w, scale, out), scale
 
 
 def straight_through(w: Tensor, q: Tensor) -> Tensor:

@@ -128,8 +128,7 @@ class WeightQuantizer(nn.Module):
         out = self._free_out(w)
         if F_ste.one_pass_binary(w, self.bits, self.per_channel, self.binary_scale):
             with torch.no_grad():
-                scale = _kernels.abs_mean(w.detach())
-                q = _kernels.sign_scale(w.detach(), scale, out)
+                q, scale = F_ste.one_pass_binary_weight(w.detach(), out)
             # The BCGD blend of this same W (unchanged since: same version) reuses mean|W|, saving a read of W.
             # (Inference tensors have no version and are never trained.)
             self._scale = None if w.is_inference() else (weakref.ref(w), w._version, scale)
