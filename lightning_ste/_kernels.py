@@ -283,10 +283,10 @@ at::Tensor sign_scale_out(const at::Tensor& w, const at::Tensor& scale, at::Tens
         const __m256 vs = _mm256_set1_ps(s), vns = _mm256_set1_ps(ns), vzs = _mm256_set1_ps(zs);
         const __m256 zero = _mm256_setzero_ps();
         for (; i + 8 <= e; i += 8) {
-          const __m256 v = _mm256_loadu_ps(p + i);
+          const __m256 v = _mm256_loadu_ps(reinterpret_cast<const float*>(p + i));
           __m256 o = _mm256_blendv_ps(vzs, vs, _mm256_cmp_ps(v, zero, _CMP_GT_OQ));
           o = _mm256_blendv_ps(o, vns, _mm256_cmp_ps(v, zero, _CMP_LT_OQ));
-          _mm256_storeu_ps(out + i, o);
+          _mm256_storeu_ps(reinterpret_cast<float*>(out + i), o);
         }
 #endif
       }
@@ -331,10 +331,10 @@ at::Tensor binary_blend_(at::Tensor w, double rho, const c10::optional<at::Tenso
         const __m256 vup = _mm256_set1_ps(up), vdown = _mm256_set1_ps(down), vzero = _mm256_set1_ps(zero);
         const __m256 vkeep = _mm256_set1_ps(keep), z = _mm256_setzero_ps();
         for (; i + 8 <= e; i += 8) {
-          const __m256 v = _mm256_loadu_ps(p + i);
+          const __m256 v = _mm256_loadu_ps(reinterpret_cast<const float*>(p + i));
           __m256 qr = _mm256_blendv_ps(vzero, vup, _mm256_cmp_ps(v, z, _CMP_GT_OQ));
           qr = _mm256_blendv_ps(qr, vdown, _mm256_cmp_ps(v, z, _CMP_LT_OQ));
-          _mm256_storeu_ps(p + i, _mm256_add_ps(_mm256_mul_ps(v, vkeep), qr));
+          _mm256_storeu_ps(reinterpret_cast<float*>(p + i), _mm256_add_ps(_mm256_mul_ps(v, vkeep), qr));
         }
 #endif
       }
