@@ -4,8 +4,9 @@ The eager formula of :mod:`lightning_ste.functional` takes about ten elementwise
 region code per element. The kernels here compute the same values in one pass each way and keep two bit
 planes instead (``x > 0`` and ``x > L*alpha``, eight elements a byte), 1/16 of the bytes of a float32
 input. They are C++ (AVX-512 / AVX2 where the CPU has it, plain C++ otherwise), built with
-``torch.utils.cpp_extension.load_inline`` the first time a CPU tensor needs them and cached on disk by
-PyTorch; when the build fails (no compiler) :func:`available` is False and the eager path runs instead.
+``torch.utils.cpp_extension.load_inline`` the first time a CPU tensor needs them and cached on disk in a
+build directory of their own per environment (interpreter and torch), one process building while the others
+wait on a file lock; when the build fails (no compiler) :func:`available` is False and the eager path runs instead.
 
 Set ``LIGHTNING_STE_KERNELS=0`` to never build or use them.
 """
@@ -13,11 +14,16 @@ Set ``LIGHTNING_STE_KERNELS=0`` to never build or use them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import sys
 import threading
 import warnings
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
+from filelock import FileLock
 from torch import Tensor
 
 __all__ = ["abs_mean", "available", "code_planes", "relu_backward", "relu_forward", "sign_scale"]
@@ -368,6 +374,8 @@ TORCH_LIBRARY_IMPL(lightning_ste_kernels, CPU, m) {
 }
 """
 
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -379,24 +387,61 @@ def _flags() -> list[str]:
     return ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off"]
 
 
+def environment_key() -> str:
+    """What makes a build of the kernels belong to one environment: the interpreter and the torch it imports.
+
+    Two environments with the same torch version have different headers and libraries on different paths; a
+    shared build directory made each rebuild the other's kernels (and a rebuild under a DDP process that was
+    loading the library aborted it).
+    """
+    return "\n".join((sys.prefix, sys.version, os.path.dirname(torch.__file__), torch.__version__))
+
+
+def build_name(environment: str | None = None) -> str:
+    """Name (and build directory) of the kernels for this source, CPU, compiler flags and environment."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    key = "\n".join((_SOURCE, capability, " ".join(_flags()), environment or environment_key()))
+    return f"lightning_ste_kernels_{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+
+def build_once(directory: str, artifact: str, build: Callable[[], _T], what: str) -> _T:
+    """``build()`` under an exclusive file lock on ``directory``: one process builds, the others wait for it.
+
+    ``artifact`` is the file a finished build leaves; when it is missing as the lock is taken, this process is
+    the one that builds, and one log line says so (first use in this environment takes about a minute).
+    """
+    os.makedirs(directory, exist_ok=True)
+    with FileLock(os.path.join(directory, "lightning_ste_build.lock")):
+        if not os.path.exists(artifact):
+            _log.warning(
+                "lightning_ste: building %s (first use in this environment, about a minute) in %s",
+                what,
+                directory,
+            )
+        return build()
+
+
 def _build() -> bool:
     from torch.utils import cpp_extension
 
-    capability = torch.backends.cpu.get_cpu_capability()
-    digest = hashlib.sha1(
-        (_SOURCE + capability + " ".join(_flags()) + torch.__version__).encode()
-    ).hexdigest()
-    name = f"lightning_ste_kernels_{digest[:12]}"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        cpp_extension.load_inline(
-            name=name,
-            cpp_sources=_SOURCE,
-            extra_cflags=_flags(),
-            extra_ldflags=["-fopenmp"],
-            is_python_module=False,
-            verbose=False,
-        )
+    name = build_name()
+    directory = cpp_extension._get_build_directory(name, False)  # honours TORCH_EXTENSIONS_DIR
+    suffix = ".pyd" if sys.platform == "win32" else ".so"
+
+    def load() -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cpp_extension.load_inline(
+                name=name,
+                cpp_sources=_SOURCE,
+                extra_cflags=_flags(),
+                extra_ldflags=["-fopenmp"],
+                is_python_module=False,
+                build_directory=directory,
+                verbose=False,
+            )
+
+    build_once(directory, os.path.join(directory, name + suffix), load, "the fused CPU kernels")
     if not hasattr(torch.ops.lightning_ste_kernels, "qrelu_forward"):
         return False
     try:
