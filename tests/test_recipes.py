@@ -7,9 +7,6 @@ with the logger kept, so that the W&B run files can be checked for the logged me
 
 from __future__ import annotations
 
-import struct
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +14,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from wandb_run_file import finished_run_records, history_rows
 
 from lightning_ste import QuantReLU
 from lightning_ste.cli import run_cli
@@ -47,38 +45,8 @@ EXPECTED = [
 
 
 def wandb_history_keys(run_file: Path) -> set[str]:
-    """Metric names in the history records of an offline W&B ``run-*.wandb`` file (LevelDB-style log)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    def records(data: bytes) -> Iterator[bytes]:
-        block, header, pos, buf = 32768, 7, 7, b""  # 7-byte file header ":W&B" + magic + version
-        while pos + header <= len(data):
-            if block - pos % block < header:
-                pos += block - pos % block
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos : pos + header])
-            if kind == 0 and length == 0:
-                pos += block - pos % block
-                continue
-            chunk, pos = data[pos + header : pos + header + length], pos + header + length
-            if kind == 1:
-                yield chunk
-            elif kind == 2:
-                buf = chunk
-            elif kind == 3:
-                buf += chunk
-            elif kind == 4:
-                yield buf + chunk
-
-    data = run_file.read_bytes()
-    assert data[:4] == b":W&B", f"not a W&B run file: {run_file}"
-    keys: set[str] = set()
-    for raw in records(data):
-        record = pb.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "history":
-            keys.update(item.key or "/".join(item.nested_key) for item in record.history.item)
-    return keys
+    """Metric names logged to an offline W&B run, read once W&B has finished writing its run file."""
+    return {key for row in history_rows(finished_run_records(run_file)) for key in row}
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +189,5 @@ def test_recipe_trains_and_logs_to_wandb(
     expected = {"train/loss", *val_metrics}
     if not is_regression:
         expected.add("lr-SGD")
-    # wandb-core may still be appending the last records when `wandb.finish` has returned.
-    deadline = time.monotonic() + 20
-    while not expected <= (logged := wandb_history_keys(run_files[0])) and time.monotonic() < deadline:
-        time.sleep(0.5)
+    logged = wandb_history_keys(run_files[0])
     assert expected <= logged, f"missing in the W&B run: {expected - logged}"

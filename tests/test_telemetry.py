@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
-import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -15,6 +13,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
+from wandb_run_file import finished_run_records, history_rows
 
 from lightning_ste import BlendedQuantWeights, QuantizeActivations, QuantReLU, QuantTelemetry, WeightQuantizer
 from lightning_ste.data.mnist import MNISTDataModule
@@ -190,33 +189,6 @@ def test_disabled_logs_nothing_and_registers_no_hook(tmp_path):
     assert not (Path(logger.log_dir) / CHART_FILENAME).exists()
 
 
-def _wandb_history(run_file: Path) -> list[dict[str, object]]:
-    """History rows of a ``.wandb`` run file (LevelDB-style log of protobuf records, as W&B writes it)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = run_file.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, pending, rows = 7, 32768, b"", []
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block tail too short for a header is padding
-            pos += block - pos % block
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind not in (1, 2, 3, 4):
-            break
-        pending = (
-            chunk if kind in (1, 2) else pending + chunk
-        )  # full/first start a record, middle/last extend
-        if kind in (1, 4):
-            record = pb.Record()
-            record.ParseFromString(pending)
-            if record.WhichOneof("record_type") == "history":
-                items = record.history.item
-                rows.append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items})
-    return rows
-
-
 def test_offline_wandb_run_files_hold_the_quant_keys(tmp_path):
     wandb = pytest.importorskip("wandb")
     model = Toy()
@@ -227,13 +199,7 @@ def test_offline_wandb_run_files_hold_the_quant_keys(tmp_path):
     wandb.finish()
 
     (run_file,) = run_dir.glob("*.wandb")
-    # wandb-core may still be appending the last records when `wandb.finish` has returned.
-    deadline = time.monotonic() + 60
-    while True:
-        history = _wandb_history(run_file)
-        if any("quant/level_occupancy/_type" in row for row in history) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+    history = history_rows(finished_run_records(run_file))
     stats = [row for row in history if "quant/act/alpha" in row]
     assert [row["trainer/global_step"] for row in stats] == [1, 3]
     for row, flips in zip(stats, [0, FLIPPED]):
