@@ -474,7 +474,7 @@ def available() -> bool:
         return bool(ok)
     with _lock:
         if "ok" not in _state:
-            if os.environ.get("LIGHTNING_STE_KERNELS", "1") == "0":
+            if os.environ.get("LIGHTNING_STE_KERNELS", "1").strip().lower() in ("0", "eager"):
                 _state["ok"] = False
             else:
                 try:
