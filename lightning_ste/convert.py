@@ -50,12 +50,30 @@ __all__ = [
 ]
 
 ALPHA_CHOICES = ("learned", "fixed", "calibrate")
+TARGET_CHOICES = ("relu", "relu6")
+DEFAULT_TARGETS = ("relu",)
+RELU6_TOP = 6.0
 RECIPE_KIND = "activations"
 RECIPE_VERSION = 1
 
-# Functional ReLUs as torch.fx records them (F.relu_ is torch.relu_).
-_RELU_FUNCTIONS = {torch.nn.functional.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_"}
-_RELU_METHODS = {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}
+# Functional ReLUs as torch.fx records them (F.relu_ is torch.relu_), per target.
+_FUNCTIONS: dict[str, dict[Any, str]] = {
+    "relu": {torch.nn.functional.relu: "F.relu", torch.relu: "torch.relu", torch.relu_: "torch.relu_"},
+    "relu6": {torch.nn.functional.relu6: "F.relu6"},
+}
+_METHODS: dict[str, dict[str, str]] = {"relu": {"relu": "Tensor.relu", "relu_": "Tensor.relu_"}, "relu6": {}}
+_MODULES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "relu6": nn.ReLU6}
+# ReLU-like activations that stay float (listed at the end of the plan): modules and functions.
+_RELU_LIKE_MODULES = (nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.Hardtanh, nn.Threshold)
+_RELU_LIKE_FUNCTIONS = {
+    torch.nn.functional.relu6: "F.relu6",
+    torch.nn.functional.leaky_relu: "F.leaky_relu",
+    torch.nn.functional.hardtanh: "F.hardtanh",
+    torch.nn.functional.rrelu: "F.rrelu",
+    torch.nn.functional.prelu: "F.prelu",
+}
+# PyTorch layers that keep their activation as a plain attribute (a function) and have a fused fast path.
+_TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
 # ----------------------------------------------------------------------------------------------- arguments
@@ -71,9 +89,23 @@ def check_activation_arguments(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     calibration_batches: int = 1,
+    targets: Sequence[str] = DEFAULT_TARGETS,
 ) -> dict[str, Any]:
-    """Validate the conversion arguments; return them as a plain JSON-able dict (the recipe's ``arguments``)."""
+    """Validate the conversion arguments; return them as a plain JSON-able dict (the recipe's ``arguments``).
+
+    ``targets`` is recorded only when it is not the default ``("relu",)``, so recipes and callback state keys
+    made before it existed stay valid.
+    """
     F_ste.check_quantized_relu_args(bits, ste, alpha_grad, alpha_lr_scale, rounding)
+    if (
+        isinstance(targets, str)
+        or not isinstance(targets, Sequence)
+        or not targets
+        or any(t not in TARGET_CHOICES for t in targets)
+    ):
+        raise ValueError(
+            f"`targets` must be a non-empty list of {', '.join(map(repr, TARGET_CHOICES))}, got {targets!r}"
+        )
     if isinstance(alpha, str):
         if alpha not in ALPHA_CHOICES:
             raise ValueError(
@@ -96,6 +128,8 @@ def check_activation_arguments(
     ):
         raise ValueError(f"`calibration_batches` must be an int >= 1, got {calibration_batches!r}")
     inc, exc = check_patterns(include, "include"), check_patterns(exclude, "exclude")
+    chosen = [t for t in TARGET_CHOICES if t in targets]
+    extra = {} if tuple(chosen) == DEFAULT_TARGETS else {"targets": chosen}
     return {
         "bits": bits,
         "ste": ste,
@@ -106,13 +140,24 @@ def check_activation_arguments(
         "include": None if inc is None else list(inc),
         "exclude": None if exc is None else list(exc),
         "calibration_batches": calibration_batches,
+        **extra,
     }
 
 
-def _make_quantizer(arguments: dict[str, Any]) -> QuantReLU:
-    """The QuantReLU of one site for the given (validated) arguments."""
+def _targets(arguments: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(arguments.get("targets") or DEFAULT_TARGETS)
+
+
+def _make_quantizer(arguments: dict[str, Any], target: str = "relu") -> QuantReLU:
+    """The QuantReLU of one site for the given (validated) arguments.
+
+    A ReLU6 site gets the staircase capped at 6: ``alpha = 6 / L`` fixed, so the top level ``L * alpha`` is 6
+    (the clipped ReLU of YLZ19 with a fixed top), whatever ``alpha`` says.
+    """
     alpha = arguments["alpha"]
     mode = alpha if isinstance(alpha, str) else "fixed"
+    if target == "relu6":
+        alpha, mode = RELU6_TOP / (2 ** arguments["bits"] - 1), "fixed"
     return QuantReLU(
         bits=arguments["bits"],
         alpha=None if isinstance(alpha, str) else alpha,
@@ -146,11 +191,12 @@ class Site:
     """One ReLU call site and the name its QuantReLU gets."""
 
     name: str  # qualified name of the QuantReLU once converted
-    kind: str  # "module" | "call" (one call of a shared nn.ReLU) | "function"
+    kind: str  # "module" | "call" (one call of a shared nn.ReLU) | "function" | "attribute"
     source: str  # what runs there now, e.g. "nn.ReLU(inplace=True)", "F.relu"
     owner: str | None  # module whose forward holds the call ("" = root); None when not traced
     origin: str  # the nn.ReLU module the site comes from ("" for functional sites)
     call: tuple[int, int] | None = None  # (k, n): k-th of the n calls of a shared module
+    target: str = "relu"  # "relu" or "relu6": the activation replaced (see `targets`)
 
 
 @dataclass
@@ -179,6 +225,7 @@ class ActivationPlan:
     sites: list[Site]
     left_out: list[Site]
     not_traced: list[tuple[str, str, str]]  # (module name, class name, reason)
+    float_like: list[tuple[str, str]] = field(default_factory=list)  # (where, why): ReLU-like, kept float
     _locations: dict[str, tuple[nn.Module, str]] = field(default_factory=dict, repr=False)
     _owners: dict[str, _Owner] = field(default_factory=dict, repr=False)
     _undo: list[Callable[[], None]] = field(default_factory=list, repr=False)  # filled by apply_plan
@@ -203,8 +250,16 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
-def _is_relu_module(m: nn.Module) -> bool:
-    return isinstance(m, nn.ReLU)
+def _is_relu_module(m: nn.Module | None, targets: Sequence[str] = DEFAULT_TARGETS) -> bool:
+    return m is not None and _module_target(m, targets) is not None
+
+
+def _module_target(m: nn.Module, targets: Sequence[str]) -> str | None:
+    """The target ("relu", "relu6") whose module class ``m`` is exactly an instance of, if selected."""
+    for t in targets:
+        if isinstance(m, _MODULES[t]):
+            return t
+    return None
 
 
 class _OwnForwardTracer(fx.Tracer):
@@ -228,7 +283,7 @@ def _wants_trace(m: nn.Module) -> bool:
 
 def _mentions_relu(m: nn.Module) -> bool:
     """Whether a module left untraced could hold ReLUs: nn.ReLU children or 'relu' in its forward's source."""
-    if any(_is_relu_module(c) for c in m.children()):
+    if any(isinstance(c, (nn.ReLU, nn.ReLU6)) for c in m.children()):
         return True
     try:
         return "relu" in inspect.getsource(type(m).forward)
@@ -240,8 +295,35 @@ def _graph_key(graph: fx.Graph) -> str:
     return graph.python_code(root_module="self").src
 
 
+def _snapshot(m: nn.Module) -> list[tuple[nn.Module, list[tuple[dict[str, Any], dict[str, Any]]]]]:
+    """Shallow copies of the attribute dicts of ``m`` and its submodules (tracing may assign to any of them)."""
+    return [
+        (sub, [(d, dict(d)) for d in (sub.__dict__, sub._parameters, sub._buffers, sub._modules)])
+        for sub in m.modules()
+    ]
+
+
+def _restore(snapshot: list[tuple[nn.Module, list[tuple[dict[str, Any], dict[str, Any]]]]]) -> list[str]:
+    """Put every dict of :func:`_snapshot` back as it was; return the names that tracing had changed."""
+    changed = []
+    for _sub, dicts in snapshot:
+        for live, saved in dicts:
+            keys = set(live) | set(saved)
+            diff = [k for k in keys if k not in live or k not in saved or live[k] is not saved[k]]
+            if diff:
+                changed += diff
+                live.clear()
+                live.update(saved)
+    return sorted(set(changed))
+
+
 def _trace_own_forward(m: nn.Module) -> tuple[fx.Graph | None, str]:
-    """fx graph of ``m``'s own forward, or (None, reason) when it cannot be traced faithfully."""
+    """fx graph of ``m``'s own forward, or (None, reason) when it cannot be traced faithfully.
+
+    Tracing never changes the model: every attribute dict of ``m`` and its submodules is restored after it.
+    A forward that assigns attributes (``self.mask = ...``) is not traced, since the fx graph would drop the
+    assignment.
+    """
     existing = m.__dict__.get("forward")
     if isinstance(existing, _TracedForward):
         if existing.graph is None:
@@ -250,8 +332,9 @@ def _trace_own_forward(m: nn.Module) -> tuple[fx.Graph | None, str]:
     if existing is not None and not _is_lightning_compiled_forward(m):
         return None, "its forward is replaced on the instance"
     modes = [(sub, sub.training) for sub in m.modules()]
-    before = set(m.__dict__)
+    snapshot = _snapshot(m)
     graphs = []
+    error: str | None = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -260,14 +343,20 @@ def _trace_own_forward(m: nn.Module) -> tuple[fx.Graph | None, str]:
                 graphs.append(_OwnForwardTracer().trace(m))
     except Exception as err:  # noqa: BLE001 - any tracing failure leaves the module in float
         text = str(err).strip().splitlines()
-        return None, f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+        error = f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
     finally:
         for sub, training in modes:
             sub.training = training
-        added = set(m.__dict__) - before
-        for key in added:  # fx stores tensors made while tracing on the traced module: take them back
-            object.__delattr__(m, key)
-    if added:
+        changed = _restore(snapshot)
+    constants = [k for k in changed if k.startswith("_tensor_constant")]
+    assigned = [k for k in changed if not k.startswith("_tensor_constant") and k != "training"]
+    if assigned:
+        names = ", ".join(f"self.{k}" for k in assigned[:4]) + (", ..." if len(assigned) > 4 else "")
+        why = f"its forward assigns {names} (torch.fx records no attribute assignment)"
+        return None, why if error is None else f"{why}; tracing then failed with {error}"
+    if error is not None:
+        return None, error
+    if constants:
         return None, "its forward creates tensors while tracing (they would be frozen as constants)"
     if _graph_key(graphs[0]) != _graph_key(graphs[1]):
         return None, "its forward depends on self.training (tracing would freeze one mode)"
@@ -281,13 +370,29 @@ def _is_lightning_compiled_forward(m: nn.Module) -> bool:
     return getattr(original, "__self__", None) is m and getattr(original, "__func__", None) is type(m).forward
 
 
-def _function_site(node: fx.Node) -> tuple[str, bool] | None:
-    """(source, inplace) when ``node`` is a functional ReLU."""
-    if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
-        inplace = node.target is torch.relu_ or bool(node.kwargs.get("inplace", node.args[1:2] == (True,)))
-        return _RELU_FUNCTIONS[node.target], inplace
-    if node.op == "call_method" and node.target in _RELU_METHODS:
-        return _RELU_METHODS[node.target], node.target == "relu_"
+def _function_site(node: fx.Node, targets: Sequence[str]) -> tuple[str, bool, str] | None:
+    """(source, inplace, target) when ``node`` is a functional activation of ``targets``."""
+    for t in targets:
+        if node.op == "call_function" and node.target in _FUNCTIONS[t]:
+            inplace = node.target is torch.relu_ or bool(
+                node.kwargs.get("inplace", node.args[1:2] == (True,))
+            )
+            return _FUNCTIONS[t][node.target], inplace, t
+        if node.op == "call_method" and node.target in _METHODS[t]:
+            return _METHODS[t][node.target], node.target == "relu_", t
+    return None
+
+
+def _relu_like_call(node: fx.Node) -> str | None:
+    """What a functional ReLU-like call that is not converted is: F.relu6, F.leaky_relu, clamp(min=0), ..."""
+    if node.op == "call_function" and node.target in _RELU_LIKE_FUNCTIONS:
+        return _RELU_LIKE_FUNCTIONS[node.target]
+    clamp = node.op == "call_function" and node.target in (torch.clamp, torch.clamp_min, torch.clip)
+    clamp = clamp or (node.op == "call_method" and node.target in ("clamp", "clamp_", "clamp_min", "clip"))
+    if clamp:
+        low = node.kwargs.get("min", node.args[1] if len(node.args) > 1 else None)
+        if isinstance(low, (int, float)) and not isinstance(low, bool) and low == 0:
+            return f"{node.target if isinstance(node.target, str) else node.target.__name__}(min=0)"
     return None
 
 
@@ -324,37 +429,51 @@ def plan_activations(
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
     calibration_batches: int = 1,
+    targets: Sequence[str] = DEFAULT_TARGETS,
 ) -> ActivationPlan:
     """Find, name and select the ReLU call sites of ``module`` without changing it.
 
     Raises ``ValueError`` when no ReLU is found, when an ``include`` pattern matches no site, or when no site
     is left after ``include``/``exclude``. Patterns are globs over the site names (see :func:`format_plan`);
-    the call sites of a shared ``nn.ReLU`` also match that module's own name.
+    the call sites of a shared ``nn.ReLU`` also match that module's own name. ``targets=("relu", "relu6")``
+    also converts ReLU6 (``nn.ReLU6``, ``F.relu6``) to a staircase capped at 6.
     """
     if not isinstance(module, nn.Module):
         raise ValueError(f"`module` must be an nn.Module, got {type(module).__name__}")
     arguments = check_activation_arguments(
-        bits, ste, alpha, alpha_grad, alpha_lr_scale, rounding, include, exclude, calibration_batches
+        bits, ste, alpha, alpha_grad, alpha_lr_scale, rounding, include, exclude, calibration_batches, targets
     )
-    if _is_relu_module(module):
-        raise ValueError("`module` is itself an nn.ReLU: convert the module that holds it")
+    targets = _targets(arguments)
+    if _is_relu_module(module, targets):
+        raise ValueError(f"`module` is itself an {type(module).__name__}: convert the module that holds it")
 
     # Where each nn.ReLU sits: (parent, attribute) -> first qualified name (a module may sit in several).
     locations: dict[tuple[int, str], str] = {}
     holders: dict[str, tuple[nn.Module, str]] = {}
+    float_like: list[tuple[str, str]] = []
+    like_counts: dict[str, int] = {}
+
+    def note(where: str, what: str) -> None:
+        float_like.append((where, _float_reason(what)))
+        like_counts[what] = like_counts.get(what, 0) + 1
+
+    relu_like_seen: set[int] = set()
     for parent_name, parent in module.named_modules(remove_duplicate=False):
         for attr, child in parent._modules.items():
-            if child is not None and _is_relu_module(child) and (id(parent), attr) not in locations:
+            if child is not None and _is_relu_module(child, targets) and (id(parent), attr) not in locations:
                 name = _join(parent_name, attr)
                 locations[(id(parent), attr)] = name
                 holders[name] = (parent, attr)
+            elif isinstance(child, _RELU_LIKE_MODULES) and id(child) not in relu_like_seen:
+                relu_like_seen.add(id(child))
+                note(f"{_join(parent_name, attr)} (nn.{type(child).__name__})", f"nn.{type(child).__name__}")
 
     taken: set[tuple[int, str]] = set()
     sites: list[Site] = []
     owners: dict[str, _Owner] = {}
     not_traced: list[tuple[str, str, str]] = []
     calls: dict[str, list[tuple[str, fx.Node, bool]]] = {}  # location -> [(owner, node, inplace)]
-    functional: list[tuple[str, fx.Node, str, bool]] = []
+    functional: list[tuple[str, fx.Node, str, bool, str]] = []
     for owner_name, owner in module.named_modules():
         if not _wants_trace(owner):
             continue
@@ -368,23 +487,26 @@ def plan_activations(
             if node.op == "call_module":
                 prefix, _, attr = node.target.rpartition(".")
                 parent = owner.get_submodule(prefix)
-                if _is_relu_module(parent._modules.get(attr)):
+                if _is_relu_module(parent._modules.get(attr), targets):
                     location = locations[(id(parent), attr)]
                     calls.setdefault(location, []).append(
                         (owner_name, node, bool(parent._modules[attr].inplace))
                     )
-            elif (found := _function_site(node)) is not None:
+            elif (found := _function_site(node, targets)) is not None:
                 functional.append((owner_name, node, *found))
+            elif (like := _relu_like_call(node)) is not None:
+                note(f"{like} in {owner_name or '<root>'}.forward", like)
 
     edits: list[_Edit] = []
     counters: dict[str, int] = {}
     for location, holder in list(holders.items()):
         relu = holder[0]._modules[holder[1]]
-        source = f"nn.ReLU({'inplace=True' if relu.inplace else ''})"
+        target = _module_target(relu, targets) or "relu"
+        source = f"nn.{type(relu).__name__}({'inplace=True' if relu.inplace else ''})"
         found = calls.get(location, [])
         if len(found) <= 1:
             owner_name = found[0][0] if found else None
-            site = Site(location, "module", source, owner_name, location)
+            site = Site(location, "module", source, owner_name, location, target=target)
             sites.append(site)
             if found:
                 owner_name, node, inplace = found[0]
@@ -395,26 +517,49 @@ def plan_activations(
         for k, (owner_name, node, inplace) in enumerate(found):
             new_attr = attr if k == 0 else _free_name(parent, f"{attr}_{k}", taken)
             name = _join(location.rpartition(".")[0], new_attr)
-            site = Site(name, "call", source, owner_name, location, (k + 1, len(found)))
-            target = _join(node.target.rpartition(".")[0], new_attr)
+            site = Site(name, "call", source, owner_name, location, (k + 1, len(found)), target)
+            target_attr = _join(node.target.rpartition(".")[0], new_attr)
             sites.append(site)
-            edits.append(_Edit(site, node.name, target, inplace, k > 0 or (inplace and _read_after(node))))
+            edits.append(
+                _Edit(site, node.name, target_attr, inplace, k > 0 or (inplace and _read_after(node)))
+            )
             holders.setdefault(name, (parent, new_attr))
-    for owner_name, node, source, inplace in functional:
+    for owner_name, node, source, inplace, target in functional:
         owner = owners[owner_name].module
         k = counters.get(owner_name, 0)
         counters[owner_name] = k + 1
         attr = _free_name(owner, f"relu_fx_{k}", taken)
-        site = Site(_join(owner_name, attr), "function", source, owner_name, "")
+        site = Site(_join(owner_name, attr), "function", source, owner_name, "", target=target)
         sites.append(site)
         edits.append(_Edit(site, node.name, attr, inplace, True))
         holders[site.name] = (owner, attr)
+    # PyTorch's Transformer layers keep `activation="relu"` as the plain function F.relu (an attribute, not a
+    # module, so no trace sees it): the layer's own QuantReLU takes its place (and its fast path is disabled).
+    for layer_name, layer in module.named_modules():
+        if isinstance(layer, _TRANSFORMER_LAYERS) and "activation" not in layer._modules:
+            fn = layer.__dict__.get("activation")
+            target = next((t for t in targets if fn in _FUNCTIONS[t]), None)
+            if target is not None:
+                source = f"{_FUNCTIONS[target][fn]} (activation of {type(layer).__name__})"
+                site = Site(
+                    _join(layer_name, "activation"), "attribute", source, layer_name, "", target=target
+                )
+                sites.append(site)
+                holders[site.name] = (layer, "activation")
+            elif fn in _RELU_LIKE_FUNCTIONS:
+                like = _RELU_LIKE_FUNCTIONS[fn]
+                note(f"{_join(layer_name, 'activation')} ({like})", like)
 
     if not sites:
+        counts = ", ".join(f"{n} {what}" for what, n in like_counts.items())
+        seen = f" It saw ReLU-like activations it does not convert: {counts}." if counts else ""
+        if any("relu6" in what.lower() for what in like_counts) and "relu6" not in targets:
+            seen += " Pass `targets=('relu', 'relu6')` to convert ReLU6 too."
         raise ValueError(
-            f"no ReLU found in {type(module).__qualname__}: looked for nn.ReLU modules and F.relu / torch.relu /"
-            " Tensor.relu / relu_ calls in traceable forwards. Layers built in the LightningModule's `setup` or"
-            " `configure_model` do not exist yet when the callback converts (Callback.setup)."
+            f"no ReLU found in {type(module).__qualname__}: looked for {_looked_for(targets)} in traceable "
+            "forwards. Layers built in the LightningModule's `configure_model` are converted right after it; "
+            "layers built in `setup` are not seen."
+            + seen
             + (f" Not traced: {', '.join(n or '<root>' for n, _, _ in not_traced)}." if not_traced else "")
         )
     selected, unmatched = _select(sites, arguments["include"], arguments["exclude"])
@@ -437,9 +582,27 @@ def plan_activations(
         sites=selected,
         left_out=[s for s in sites if s.name not in chosen],
         not_traced=not_traced,
+        float_like=float_like,
         _locations={s.name: holders[s.name] for s in selected},
         _owners={n: o for n, o in owners.items() if any(e.changes for e in o.edits)},
     )
+
+
+def _looked_for(targets: Sequence[str]) -> str:
+    parts = []
+    if "relu" in targets:
+        parts.append("nn.ReLU modules, F.relu / torch.relu / Tensor.relu / relu_ calls")
+    if "relu6" in targets:
+        parts.append("nn.ReLU6 modules, F.relu6 calls")
+    return " and ".join(parts) + ", the activation of nn.TransformerEncoderLayer / DecoderLayer"
+
+
+def _float_reason(what: str) -> str:
+    if what in ("nn.ReLU6", "F.relu6"):
+        return "ReLU6 is not in `targets` (targets=('relu', 'relu6') converts it, capped at 6)"
+    if "clamp" in what or "clip" in what:
+        return "clamp(min=0) is ReLU-like but not a ReLU call; use F.relu to quantize it"
+    return "ReLU-like but not a ReLU; not converted"
 
 
 def _select(sites: list[Site], include: list[str] | None, exclude: list[str] | None):
@@ -499,6 +662,24 @@ class _TracedForward:
         return f"<lightning_ste traced forward of {type(self.owner).__qualname__}>"
 
 
+class _NoFastPathForward:
+    """The class forward of a converted Transformer layer, run with PyTorch's fused attention fast path off."""
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            return type(self.owner).forward(self.owner, *args, **kwargs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)
+
+    def __repr__(self) -> str:
+        return f"<lightning_ste forward of {type(self.owner).__qualname__}, fused fast path off>"
+
+
 def _rewire_later_uses(graph: fx.Graph, old: fx.Node, new: fx.Node) -> None:
     """An in-place ReLU changed ``old`` for every later reader: make those readers read ``new`` instead."""
     order = {n: i for i, n in enumerate(graph.nodes)}
@@ -545,13 +726,25 @@ def apply_plan(module: nn.Module, plan: ActivationPlan) -> list[str]:
     """Commit ``plan`` to ``module``: install the QuantReLUs, rewrite the forwards, record the recipe."""
     # Everything that can fail (code generation) happens before the first assignment.
     forwards = {name: _compile_forward(o.module, _edited_graph(o)) for name, o in plan._owners.items()}
-    quantizers = {site.name: _make_quantizer(plan.arguments) for site in plan.sites}
+    quantizers = {site.name: _make_quantizer(plan.arguments, site.target) for site in plan.sites}
     undo = plan._undo
     undo.clear()
     for site in plan.sites:
         parent, attr = plan._locations[site.name]
         undo.append(_restorer(parent, attr, parent._modules.get(attr, _ABSENT)))
+        if attr in parent.__dict__:  # a function held as a plain attribute (Transformer layers)
+            undo.append(_restorer(parent.__dict__, attr, parent.__dict__[attr]))
         setattr(parent, attr, quantizers[site.name])
+        if isinstance(parent, _TRANSFORMER_LAYERS) and attr == "activation":
+            # The fused fast paths (eval, no grad) would compute a float ReLU, bypassing the QuantReLU, and
+            # fused attention rounds differently: both off, so train and eval run the same Python code.
+            if isinstance(parent, nn.TransformerEncoderLayer):
+                flag = parent.activation_relu_or_gelu
+                undo.append(_restorer(parent.__dict__, "activation_relu_or_gelu", flag))
+                parent.activation_relu_or_gelu = 0
+            if not isinstance(parent.__dict__.get("forward"), _NoFastPathForward):
+                undo.append(_restorer(parent, "forward", parent.__dict__.get("forward", _ABSENT)))
+                parent.forward = _NoFastPathForward(parent)
     for name, forward in forwards.items():
         owner = plan._owners[name].module
         undo.append(_restorer(owner, "forward", owner.__dict__.get("forward", _ABSENT)))
@@ -624,7 +817,10 @@ def format_plan(plan: ActivationPlan, dry_run: bool = False) -> str:
             "module": s.source,
             "call": f"call {s.call[0]}/{s.call[1]} of shared {s.origin}" if s.call else s.source,
             "function": f"{s.source} in {s.owner or '<root>'}.forward",
+            "attribute": f"{s.source}; fused fast path off",
         }[s.kind]
+        if s.target == "relu6":
+            where += f" (capped at {RELU6_TOP:g}: alpha fixed {RELU6_TOP / (2 ** a['bits'] - 1):.4g})"
         lines.append(
             f"  {s.name:<{width}}  bits={a['bits']} ste={a['ste']} alpha={alpha} "
             f"alpha_grad={a['alpha_grad']} rounding={a['rounding']}  <- {where}"
@@ -634,9 +830,16 @@ def format_plan(plan: ActivationPlan, dry_run: bool = False) -> str:
             f"Left out by include={a['include']} exclude={a['exclude']} ({len(plan.left_out)}): "
             + ", ".join(s.name for s in plan.left_out)
         )
-    if plan.not_traced:
-        lines.append(f"Not traced, functional ReLUs stay float ({len(plan.not_traced)}):")
-        lines += [f"  {n or '<root>'} ({c}): {r}" for n, c, r in plan.not_traced]
+    floats = [(w, r) for w, r in plan.float_like]
+    floats += [
+        (f"{n or '<root>'} ({c})", f"Not traced, its functional ReLUs stay float: {r}")
+        for n, c, r in plan.not_traced
+    ]
+    if floats:
+        lines.append(f"Stays float ({len(floats)}):")
+        lines += [f"  {w}: {r}" for w, r in floats]
+    else:
+        lines.append("Stays float: no other ReLU-like activation found.")
     if dry_run:
         lines.append("dry_run=True: the model was not changed.")
     return "\n".join(lines)
@@ -669,9 +872,11 @@ def quantize_activations_(
     exclude: str | Sequence[str] | None = None,
     calibration_batches: int = 1,
     dry_run: bool = False,
+    targets: Sequence[str] = DEFAULT_TARGETS,
 ) -> list[str]:
     """Turn every ReLU call site of ``module`` into a b-bit QuantReLU in place (SPEC §1; YLZ19, BCGD19).
 
+    ``targets=("relu", "relu6")`` converts ReLU6 too, to the staircase capped at 6 (``alpha = 6 / L`` fixed).
     ``alpha``: ``"learned"`` (init ``half_gaussian_resolution(bits)``, trained with the BCGD19 proxy),
     ``"fixed"`` (that value, frozen), ``"calibrate"`` (``max|x| / L`` over the first ``calibration_batches``
     training batches, then frozen) or a number (frozen). Returns the names of the converted sites;
@@ -680,8 +885,9 @@ def quantize_activations_(
     if not isinstance(dry_run, bool):
         raise ValueError(f"`dry_run` must be a bool, got {dry_run!r}")
     plan = plan_activations(
-        module, bits, ste, alpha, alpha_grad, alpha_lr_scale, rounding, include, exclude, calibration_batches
-    )
+        module, bits, ste, alpha, alpha_grad, alpha_lr_scale, rounding, include, exclude, calibration_batches,
+        targets,
+    )  # fmt: skip
     if (message := plan.warning()) is not None:
         warnings.warn(message, UserWarning, stacklevel=2)
     if dry_run:
