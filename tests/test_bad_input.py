@@ -300,4 +300,8 @@ def test_invalid_values_are_really_invalid_and_valid_values_really_valid():
             for value in values:
                 with pytest.raises(ValueError, match=rf"`{name}\b"):
                     cls(**{name: value})
-    assert math.isnan(NAN)
+    # The float arguments' invalid values hold NaN and +inf: a bare `value > 0` check lets NaN through.
+    for table, names in ((ACT_INVALID, ("alpha", "alpha_lr_scale")), (BLEND_INVALID, ("rho",))):
+        for name in names:
+            assert any(isinstance(v, float) and math.isnan(v) for v in table[name]), name
+            assert INF in table[name], name

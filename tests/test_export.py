@@ -18,7 +18,6 @@ from lightning_ste import (
     QuantizeActivations,
     QuantReLU,
     WeightQuantizer,
-    export,
     quantize_activations_,
     quantize_weights_,
 )
@@ -269,10 +268,20 @@ def test_load_packed_refuses_other_files(tmp_path):
         load_packed(tmp_path / "other.pt")
 
 
-def test_export_is_the_lazy_package_attribute():
+def test_export_is_the_lazy_package_attribute(monkeypatch):
+    import sys
+
     import lightning_ste
 
-    assert lightning_ste.export is export
+    # Importing lightning_ste.export bound it on the package; without that binding the lazy __getattr__ answers.
+    monkeypatch.delattr(lightning_ste, "export")
+    assert "export" not in vars(lightning_ste)
+    lazy = lightning_ste.export
+    assert (
+        lazy is sys.modules["lightning_ste.export"]
+        and lazy.freeze is freeze
+        and lazy.load_packed is load_packed
+    )
 
 
 class MNISTNet(pl.LightningModule):

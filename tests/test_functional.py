@@ -402,16 +402,33 @@ def test_weight_quantizer_bad_input() -> None:
 # ------------------------------------------------------------------------------------- resolution (§1.3)
 
 
-def _numeric_mse(alpha: float, bits: int, rounding: str) -> float:
-    x = torch.linspace(0, 10, 400_001, dtype=torch.float64)
+def _numeric_mse(alpha: float, bits: int, rounding: str, points: int = 400_001) -> float:
+    x = torch.linspace(0, 10, points, dtype=torch.float64)
     pdf = 2 * torch.exp(-(x**2) / 2) / math.sqrt(2 * math.pi)
     y = ref_forward(x, alpha, bits, rounding)
     return float(torch.trapezoid((x - y) ** 2 * pdf, x))
 
 
+def _numeric_argmin(bits: int, start: float) -> float:
+    """Golden-section minimum of the trapezoid MSE (nearest rounding) on [0.95, 1.05] x ``start``."""
+    lo, hi, inv_phi = 0.95 * start, 1.05 * start, (math.sqrt(5) - 1) / 2
+    for _ in range(18):
+        c, d = hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo)
+        if _numeric_mse(c, bits, "nearest", 40_001) < _numeric_mse(d, bits, "nearest", 40_001):
+            hi = d
+        else:
+            lo = c
+    return (lo + hi) / 2
+
+
 def test_half_gaussian_resolution_values() -> None:
     for bits, expected in [(1, 1.2221), (2, 0.6511), (3, 0.3534), (4, 0.1946)]:
         assert abs(half_gaussian_resolution(bits) - expected) < 1e-3
+    # The published values (returned from a table) against the MSE minimum found by numeric integration,
+    # not against themselves: a mistyped constant (digits swapped, another bit-width's value) is > 1% off.
+    for bits in (1, 2, 4):
+        published = half_gaussian_resolution(bits)
+        assert published == pytest.approx(_numeric_argmin(bits, published), rel=1e-2), bits
     values = [half_gaussian_resolution(b) for b in range(1, 9)]
     assert values == sorted(values, reverse=True)
     with pytest.raises(ValueError, match="bits"):
