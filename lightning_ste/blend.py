@@ -1,4 +1,4 @@
-"""The BCGD step of SPEC §3 (BCGD19): blend latent weights towards their quantization, and the ρ schedule.
+"""The BCGD step (BCGD19): blend latent weights towards their quantization, and the ρ schedule.
 
 Pure tensor code, no Lightning: :class:`~lightning_ste.callbacks.weights.BlendedQuantWeights` calls it from
 ``on_before_optimizer_step``, and a plain PyTorch loop can call it the same way.
@@ -13,7 +13,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["RhoSchedule", "bcgd_blend_", "blend_", "check_rho", "grads_finite"]
+__all__ = [
+    "RhoSchedule",
+    "bcgd_blend_",
+    "blend_",
+    "check_rho",
+    "grads_finite",
+    "multi_blend_",
+    "scaler_found_inf",
+]
 
 RhoScheduleArg = None | tuple[float, float] | Sequence[float] | Callable[[int], float]
 
@@ -55,16 +63,62 @@ def grads_finite(params: Iterable[Tensor]) -> Tensor | None:
 
 
 @torch.no_grad()
+def multi_blend_(latents: Sequence[Tensor], quantized: Sequence[Tensor], rho: float | Tensor) -> None:
+    """W_i <- (1 - ρ) W_i + ρ q_i for every pair, as multi-tensor (``torch._foreach_*``) ops (BCGD19).
+
+    Three foreach ops per (device, dtype) group however many tensors: on CUDA a handful of kernel launches
+    instead of several per layer. Each element rounds exactly as :func:`blend_`
+    (``W.mul_(1 - ρ).add_(q * ρ)``). A latent given more than once (a tied weight) is blended once, with its
+    first ``q``. ``rho`` may be a 0-dim tensor (no host read).
+    """
+    if len(latents) != len(quantized):
+        raise ValueError(f"`quantized` must have one tensor per latent: {len(quantized)} for {len(latents)}")
+    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
+    seen: set[int] = set()
+    for w, q in zip(latents, quantized):
+        if id(w) in seen:
+            continue
+        seen.add(id(w))
+        ws, qs = groups.setdefault((w.device, w.dtype), ([], []))
+        ws.append(w)
+        qs.append(q if q.dtype == w.dtype else q.to(w.dtype))
+    for (device, dtype), (ws, qs) in groups.items():
+        r = rho.to(device=device, dtype=dtype) if isinstance(rho, Tensor) else rho
+        torch._foreach_mul_(ws, 1 - r)
+        torch._foreach_add_(ws, torch._foreach_mul(qs, r))
+
+
+def scaler_found_inf(scaler: object, optimizer: torch.optim.Optimizer) -> Tensor | None:
+    """The GradScaler's own "gradients not finite" flag for ``optimizer`` (float 0/1 on the device), as
+    ``unscale_`` found it; None when ``unscale_`` has not run for this optimizer in this step.
+
+    ``scaler.step`` skips the step exactly when this is nonzero, so the blend can follow it without
+    another pass over every gradient.
+    """
+    states = getattr(scaler, "_per_optimizer_states", None)
+    state = states.get(id(optimizer)) if isinstance(states, dict) else None
+    per_device = state.get("found_inf_per_device") if isinstance(state, dict) else None
+    if not per_device:
+        return None
+    flags = list(per_device.values())
+    if len(flags) == 1:
+        return flags[0]
+    return torch.stack([f.to(flags[0].device) for f in flags]).sum()
+
+
+@torch.no_grad()
 def bcgd_blend_(
     layers: Iterable[tuple[Tensor, Callable[[Tensor], Tensor]]], rho: float, finite: Tensor | None = None
 ) -> None:
-    """Blend every latent ``W`` of ``layers`` ``(W, q)`` as W <- (1 - ρ) W + ρ q(W) (SPEC §3; BCGD19).
+    """Blend every latent ``W`` of ``layers`` ``(W, q)`` as W <- (1 - ρ) W + ρ q(W) (BCGD19), each once.
 
-    ``q`` is a callable ``W -> q(W)``; one that also has a ``blend_(W, rho)`` method (a
-    :class:`~lightning_ste.modules.WeightQuantizer`) does the blend itself, in one pass where it can.
-    ``finite`` (from :func:`grads_finite`): when it is False the step is one the GradScaler skips, and the
-    blend is skipped too. On the CPU it is read directly; on an accelerator ρ is multiplied by it on the
-    device, so no synchronisation is needed. ``rho = 0`` (BinaryConnect) does nothing, not even computing q(W).
+    ``q`` is a callable ``W -> q(W)``. One with a ``fused_blend_(W, rho) -> bool`` method (a
+    :class:`~lightning_ste.modules.WeightQuantizer`) may blend W itself in one pass (the CPU kernels); one with a
+    ``for_blend(W)`` method gives q(W) from its last forward when W is unchanged since. The rest are blended
+    together with :func:`multi_blend_`. ``finite`` (from :func:`grads_finite` or ``scaler_found_inf == 0``):
+    when False the step is one the GradScaler skips, and the blend is skipped too. On the CPU it is read
+    directly; on an accelerator ρ is multiplied by it on the device, so no synchronisation is needed.
+    ``rho = 0`` (BinaryConnect) does nothing, not even computing q(W).
     """
     if rho == 0.0:
         return
@@ -73,17 +127,29 @@ def bcgd_blend_(
             return
         finite = None
     weights: dict[tuple[torch.device, torch.dtype], Tensor | float] = {}
+    latents: list[Tensor] = []
+    quantized: list[Tensor] = []
+    seen: set[int] = set()
     for latent, quantize in layers:
+        if id(latent) in seen:  # a tied latent is blended once
+            continue
+        seen.add(id(latent))
         key = (latent.device, latent.dtype)
         if key not in weights:
             weights[key] = (
                 rho if finite is None else finite.to(device=latent.device, dtype=latent.dtype) * rho
             )
-        fused = getattr(quantize, "blend_", None)
-        if fused is not None:
-            fused(latent, weights[key])
-        else:
-            blend_(latent, quantize(latent), weights[key])
+        fused = getattr(quantize, "fused_blend_", None)
+        if fused is not None and fused(latent, weights[key]):
+            continue
+        latents.append(latent)
+        quantized.append(getattr(quantize, "for_blend", quantize)(latent))
+    if finite is None:
+        multi_blend_(latents, quantized, rho)
+        return
+    for key, weight in weights.items():  # one ρ·finite tensor per (device, dtype)
+        group = [i for i, w in enumerate(latents) if (w.device, w.dtype) == key]
+        multi_blend_([latents[i] for i in group], [quantized[i] for i in group], weight)
 
 
 class RhoSchedule:

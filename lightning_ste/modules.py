@@ -123,8 +123,10 @@ class WeightQuantizer(nn.Module):
         self.ternary_scale, self.binary_scale = ternary_scale, binary_scale
         self._out: Tensor | None = None
         self._scale: tuple[weakref.ref, int, Tensor] | None = None  # (W, W._version, mean|W|), last forward
+        self._q: tuple[weakref.ref, int, Tensor] | None = None  # (W, W._version, q(W)), last training forward
 
     def forward(self, w: Tensor) -> Tensor:
+        self._q = None  # the last forward's q(W) (its storage may be reused below)
         out = self._free_out(w)
         if F_ste.one_pass_binary(w, self.bits, self.per_channel, self.binary_scale):
             with torch.no_grad():
@@ -133,9 +135,37 @@ class WeightQuantizer(nn.Module):
             # (Inference tensors have no version and are never trained.)
             self._scale = None if w.is_inference() else (weakref.ref(w), w._version, scale)
             return F_ste.straight_through(w, q)
-        return F_ste.quantize_weight(
-            w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale, out=out
-        )
+        with torch.no_grad():
+            codes, scale = F_ste.weight_codes(
+                w.detach(), self.bits, self.per_channel, self.ternary_scale, self.binary_scale
+            )
+            q = torch.mul(codes, scale, out=out)
+        if torch.is_grad_enabled() and w.requires_grad and not w.is_inference():
+            # The blend before this step's optimizer update sees the same W (same version) and takes this q(W)
+            # instead of computing it again (on CUDA: no kernel launches for q in the blend).
+            self._q = (weakref.ref(w), w._version, q)
+        return F_ste.straight_through(w, q)
+
+    def for_blend(self, w: Tensor) -> Tensor:
+        """q(W) for the BCGD blend: the last training forward's when ``w`` is the same tensor, unchanged since
+        (same version counter); else computed now. The same values either way."""
+        known, self._q = self._q, None
+        if known is not None and known[0]() is w and known[1] == w._version:
+            return known[2]
+        return self.quantize(w)
+
+    def fused_blend_(self, w: Tensor, rho: float | Tensor) -> bool:
+        """Blend ``w`` in place in one pass when the fused CPU kernels handle it (binary, mean scale, per
+        tensor, ``rho`` a number); False (nothing done) otherwise."""
+        if isinstance(rho, Tensor) or not F_ste.one_pass_binary(
+            w, self.bits, self.per_channel, self.binary_scale
+        ):
+            return False
+        known = self._scale
+        scale = known[2] if known is not None and known[0]() is w and known[1] == w._version else None
+        self._scale = None  # W changes now
+        _kernels.binary_blend_(w, rho, scale)
+        return True
 
     def _free_out(self, w: Tensor) -> Tensor | None:
         """Last forward's q(W) storage when nothing holds it any more (its backward has run), else a new one.
@@ -158,7 +188,7 @@ class WeightQuantizer(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
-        state["_out"] = state["_scale"] = None  # scratch: not copied, pickled or checkpointed
+        state["_out"] = state["_scale"] = state["_q"] = None  # scratch: not copied, pickled or checkpointed
         return state
 
     @torch.no_grad()
@@ -168,19 +198,14 @@ class WeightQuantizer(nn.Module):
 
     @torch.no_grad()
     def blend_(self, w: Tensor, rho: float | Tensor) -> Tensor:
-        """W <- (1 - ρ) W + ρ q(W) in place (SPEC §3, BCGD19), the values of :func:`~lightning_ste.blend.blend_`.
+        """W <- (1 - ρ) W + ρ q(W) in place (BCGD19), the values of :func:`~lightning_ste.blend.blend_`.
 
         Binary mean-scaled per-tensor weights on the CPU take one fused pass (the blend is memory-bound and
-        otherwise reads W six times); everything else computes q(W) and blends.
+        otherwise reads W six times); otherwise q(W) is the last forward's (:meth:`for_blend`) and is blended.
         """
-        if not isinstance(rho, Tensor) and F_ste.one_pass_binary(
-            w, self.bits, self.per_channel, self.binary_scale
-        ):
-            known = self._scale
-            scale = known[2] if known is not None and known[0]() is w and known[1] == w._version else None
-            self._scale = None  # W changes now
-            return _kernels.binary_blend_(w, rho, scale)
-        return blend(w, self.quantize(w), rho)
+        if self.fused_blend_(w, rho):
+            return w
+        return blend(w, self.for_blend(w), rho)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}, ternary_scale={self.ternary_scale}"

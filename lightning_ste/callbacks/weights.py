@@ -13,7 +13,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from lightning_ste.blend import RhoSchedule, RhoScheduleArg, bcgd_blend_, blend_, grads_finite
+from lightning_ste.blend import (
+    RhoSchedule,
+    RhoScheduleArg,
+    bcgd_blend_,
+    blend_,
+    grads_finite,
+    scaler_found_inf,
+)
 from lightning_ste.callbacks._interop import (
     auto_pruners_after,
     latent_parameter,
@@ -198,10 +205,17 @@ class BlendedQuantWeights(Callback):
         if not layers:
             return
         # Gradients are unscaled here (16-mixed); scaler.step skips the step when any is not finite, and so
-        # must the blend. Without a scaler every step is taken, so the check (a pass over all gradients) is not.
+        # must the blend: it follows the flag unscale_ just computed (on the device, no host sync, no extra pass
+        # over the gradients); only when unscale_ has not run (an optimizer that unscales itself) are the
+        # gradients checked here. Without a scaler every step is taken.
         finite = None
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            finite = grads_finite(p for group in optimizer.param_groups for p in group["params"])
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            found_inf = scaler_found_inf(scaler, optimizer)
+            if found_inf is not None:
+                finite = found_inf == 0
+            else:
+                finite = grads_finite(p for group in optimizer.param_groups for p in group["params"])
         bcgd_blend_(layers, rho, finite)
 
     def on_save_checkpoint(
@@ -365,3 +379,9 @@ class _BlendTarget:
         if pruning_mask(self.chain) is None:
             return self.quantizer.blend_(w, rho)
         return blend_(w, self(w), rho)
+
+    def fused_blend_(self, w: Tensor, rho: float | Tensor) -> bool:
+        return pruning_mask(self.chain) is None and self.quantizer.fused_blend_(w, rho)
+
+    def for_blend(self, w: Tensor) -> Tensor:
+        return self.quantizer.for_blend(w) if pruning_mask(self.chain) is None else self(w)
