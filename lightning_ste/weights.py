@@ -10,6 +10,7 @@ through. Biases and normalisation parameters are left alone. No Lightning here: 
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from lightning_ste import functional as F_ste
@@ -26,11 +28,13 @@ from lightning_ste.selection import check_patterns, select_names
 __all__ = [
     "DEFAULT_LAYER_TYPES",
     "RECIPE_KIND",
+    "TransposedWeightQuantizer",
     "WeightPlan",
     "apply_plan",
     "apply_recipe",
     "check_layer_types",
     "execution_order",
+    "materialize_lazy_",
     "layer_types_from_arguments",
     "set_quantizer_arguments_",
     "check_weight_args",
@@ -42,11 +46,55 @@ __all__ = [
     "remove_quantization_",
 ]
 
-DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 RECIPE_KIND = "weights"
 RECIPE_VERSION = 1
 RECIPES_ATTR = "_lightning_ste_recipes"
 QUANTIZER_ARGS = ("bits", "per_channel", "ternary_scale", "binary_scale")
+
+
+class TransposedWeightQuantizer(WeightQuantizer):
+    """q(W) of a ConvTranspose weight, laid out ``[in, out/groups, *k]``: ``per_channel`` scales per *output*
+    channel, as for every other layer (q is computed on the weight viewed ``[out, in/groups, *k]``)."""
+
+    def __init__(self, groups: int = 1, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.groups = groups
+
+    def out_major(self, w: Tensor) -> Tensor:
+        """``[in, out/g, *k]`` -> contiguous ``[out, in/g, *k]`` (output channel ``o = g * out/g + j``)."""
+        g, (i, o), k = self.groups, w.shape[:2], w.shape[2:]
+        return w.reshape(g, i // g, o, *k).transpose(1, 2).reshape(g * o, i // g, *k).contiguous()
+
+    def in_major(self, v: Tensor, shape: torch.Size) -> Tensor:
+        """Inverse of :meth:`out_major` back to ``shape``."""
+        g, (i, o), k = self.groups, shape[:2], shape[2:]
+        return v.reshape(g, o, i // g, *k).transpose(1, 2).reshape(shape)
+
+    def forward(self, w: Tensor) -> Tensor:
+        if not self.per_channel or w.dim() < 2:
+            return super().forward(w)
+        return self.in_major(super().forward(self.out_major(w)), w.shape)
+
+    @torch.no_grad()
+    def quantize(self, w: Tensor) -> Tensor:
+        if not self.per_channel or w.dim() < 2:
+            return super().quantize(w)
+        return self.in_major(super().quantize(self.out_major(w)), w.shape)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", groups={self.groups} (ConvTranspose layout)"
+
+
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -140,6 +188,87 @@ def _candidates(module: nn.Module, layer_types: tuple[type[nn.Module], ...]) -> 
     return found
 
 
+def _lazy_modules(module: nn.Module) -> list[str]:
+    """Names of the modules holding an uninitialized (lazy) parameter or buffer."""
+    return [
+        name or "<root>"
+        for name, m in module.named_modules()
+        if any(is_lazy(t) for t in [*m._parameters.values(), *m._buffers.values()] if t is not None)
+    ]
+
+
+def _weight_users(module: nn.Module) -> dict[int, list[str]]:
+    """``id(parameter) -> [qualified names that hold it]`` for every parameter held in more than one place.
+
+    A quantized layer's latent (``parametrizations.weight.original``) counts as its ``weight``.
+    """
+    users: dict[int, list[str]] = {}
+    for name, m in module.named_modules(remove_duplicate=False):
+        if isinstance(m, parametrize.ParametrizationList):
+            continue
+        for pname, p in m._parameters.items():
+            if p is not None:
+                users.setdefault(id(p), []).append(_join(name, pname))
+        chains = getattr(m, "parametrizations", None)
+        if isinstance(chains, nn.ModuleDict):
+            for pname, chain in chains.items():
+                latent = chain._parameters.get("original")
+                if latent is not None:
+                    users.setdefault(id(latent), []).append(_join(name, pname))
+    return {k: sorted(set(v)) for k, v in users.items() if len(set(v)) > 1}
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+_NORMS = (
+    nn.modules.batchnorm._NormBase,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    *((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()),
+)
+
+
+def _float_leftovers(
+    module: nn.Module, candidates: set[int], types: tuple[type[nn.Module], ...], quantized: set[int]
+) -> tuple[list[tuple[str, str]], int, int]:
+    """Float weights no layer type selects, with why: ``([(name, reason)], n_norm_layers, n_biases)``."""
+    leftovers: list[tuple[str, str]] = []
+    norms = biases = 0
+    seen: set[int] = set()
+    for name, m in module.named_modules():
+        if isinstance(m, parametrize.ParametrizationList) or id(m) in candidates:
+            biases += sum(1 for k, p in m._parameters.items() if p is not None and "bias" in k)
+            continue
+        if isinstance(m, _NORMS):
+            norms += any(p is not None for p in m._parameters.values())
+            continue
+        if isinstance(m, WeightQuantizer) or type(m).__name__ == "QuantReLU":
+            continue
+        for pname, p in m._parameters.items():
+            if p is None or id(p) in seen or not p.is_floating_point():
+                continue
+            seen.add(id(p))
+            if "bias" in pname:
+                biases += 1
+                continue
+            cls = type(m).__name__
+            if id(p) in quantized:
+                why = "tied to the latent W of a quantized layer: this one reads the float W, not q(W)"
+            elif isinstance(m, nn.MultiheadAttention):
+                why = "a bare Parameter of MultiheadAttention, not a Linear module (its out_proj is a Linear)"
+            elif pname == "weight" and not isinstance(m, types):
+                why = f"{cls} is not in `layer_types`"
+            elif pname == "weight":
+                why = "already parametrized by something else"
+            else:
+                why = f"a bare Parameter of {cls}, not a layer weight"
+            leftovers.append((f"{_join(name, pname)} ({cls})", why))
+    return leftovers, norms, biases
+
+
 # ---------------------------------------------------------------------------------------------- probe
 
 
@@ -179,6 +308,17 @@ def execution_order(module: nn.Module, names: Sequence[str], example_input: Any)
         return hook
 
     handles = [module.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in names]
+    try:
+        _probe(module, example_input, "`keep_first_last`")
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+@torch.no_grad()
+def _probe(module: nn.Module, example_input: Any, purpose: str) -> None:
+    """One forward on ``example_input`` in eval mode without grad; training flags restored after."""
     modes = [(m, m.training) for m in module.modules()]
     try:
         x = _to_model(example_input, _first_float_param(module))
@@ -191,14 +331,34 @@ def execution_order(module: nn.Module, names: Sequence[str], example_input: Any)
             module(x)
     except Exception as err:
         raise ValueError(
-            f"`keep_first_last` needs a probe forward on `example_input`, and calling the model failed: {err!r}"
+            f"{purpose} needs a probe forward on `example_input`, and calling the model failed: {err!r}"
         ) from err
     finally:
-        for h in handles:
-            h.remove()
         for m, mode in modes:
             m.training = mode
-    return order
+
+
+def materialize_lazy_(module: nn.Module, example_input: Any = None) -> list[str]:
+    """Give lazy modules (``nn.LazyLinear``, ``LazyConv2d``, ...) their shapes with one probe forward.
+
+    The probe runs in eval mode without grad (no BatchNorm statistic changes), as the first real forward
+    would initialise them. Returns the names of the modules that were lazy; ValueError when some are and
+    ``example_input`` is None.
+    """
+    lazy = _lazy_modules(module)
+    if not lazy:
+        return []
+    if example_input is None:
+        raise ValueError(
+            f"{', '.join(lazy)} still have uninitialized (lazy) parameters, so their weights have no shape yet: "
+            "run one forward before converting, pass `example_input`, or (with the callbacks) set "
+            "`example_input_array` on the LightningModule or give the Trainer a dataloader"
+        )
+    _probe(module, example_input, "materializing lazy modules")
+    still = _lazy_modules(module)
+    if still:
+        raise ValueError(f"the probe forward did not initialize the lazy modules {', '.join(still)}")
+    return lazy
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -213,6 +373,11 @@ class WeightPlan:
     left_out: list[tuple[str, str]] = field(default_factory=list)
     kept_first_last: list[str] = field(default_factory=list)
     shapes: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    shared: dict[str, list[str]] = field(default_factory=dict)  # site -> the others holding its weight
+    floats: list[tuple[str, str]] = field(default_factory=list)  # other float weights and why
+    norms: int = 0  # normalisation layers (float by design)
+    biases: int = 0
+    materialized: list[str] = field(default_factory=list)  # lazy modules the probe initialised
 
     def recipe(self) -> dict[str, Any]:
         """The conversion recipe stored on the module and in checkpoints (see COMMON recipe protocol)."""
@@ -232,15 +397,26 @@ class WeightPlan:
         )
         gran = "per output channel" if a["per_channel"] else "per tensor"
         lines = [f"{title} plan: {len(self.sites)} layer(s) get {kind} weights ({scale}, {gran})"]
+        if self.materialized:
+            lines.append(f"  lazy modules initialised by a probe forward: {', '.join(self.materialized)}")
         for name in self.sites:
             cls, shape = self.shapes.get(name, ("?", ()))
-            lines.append(f"  quantize  {name} ({cls}, weight {'x'.join(map(str, shape))})")
+            tied = ""
+            if self.shared.get(name):
+                tied = f"; weight shared with {', '.join(self.shared[name])}: one latent, one quantizer, one blend"
+            lines.append(f"  quantize  {name} ({cls}, weight {'x'.join(map(str, shape))}){tied}")
         for name, reason in self.left_out:
             cls, _ = self.shapes.get(name, ("?", ()))
             lines.append(f"  float     {name} ({cls}): {reason}")
         if self.kept_first_last:
             lines.append(f"  keep_first_last kept in float: {', '.join(self.kept_first_last)}")
-        return "\n".join(lines)
+        rest = [f"  {name}: {why}" for name, why in self.floats]
+        if self.norms:
+            rest.append(f"  {self.norms} normalisation layer(s): float by design")
+        if self.biases:
+            rest.append(f"  {self.biases} bias(es): float by design")
+        lines.append(f"Stays float ({len(rest)}):" if rest else "Stays float: nothing else.")
+        return "\n".join(lines + rest)
 
 
 def plan_weights(
@@ -271,6 +447,7 @@ def plan_weights(
         "binary_scale": binary_scale,
         "layer_types": [_type_name(t) for t in types],
     }
+    materialized = materialize_lazy_(module, example_input)
     candidates = _candidates(module, types)
     if not candidates:
         raise ValueError(
@@ -316,14 +493,24 @@ def plan_weights(
             f"nothing selected: `{culprit}` leaves no layer to quantize (include={arguments['include']}, "
             f"exclude={arguments['exclude']}, keep_first_last={keep_first_last}); candidates: {', '.join(names)}"
         )
-    return WeightPlan(selected, arguments, left_out, kept, shapes)
+    users = _weight_users(module)
+    site_weight = {n: id(module.get_submodule(n).weight) for n in names}
+    shared = {n: [u for u in users[w] if u != f"{n}.weight"] for n, w in site_weight.items() if w in users}
+    quantized = {site_weight[n] for n in selected}
+    floats, norms, biases = _float_leftovers(module, {id(m) for _, m in candidates}, types, quantized)
+    return WeightPlan(
+        selected, arguments, left_out, kept, shapes, shared, floats, norms, biases, materialized
+    )
 
 
 # -------------------------------------------------------------------------------------------- convert
 
 
-def _make_quantizer(arguments: dict[str, Any]) -> WeightQuantizer:
-    return WeightQuantizer(**{k: arguments[k] for k in QUANTIZER_ARGS if k in arguments})
+def _make_quantizer(arguments: dict[str, Any], layer: nn.Module | None = None) -> WeightQuantizer:
+    kwargs = {k: arguments[k] for k in QUANTIZER_ARGS if k in arguments}
+    if isinstance(layer, _TRANSPOSED):
+        return TransposedWeightQuantizer(groups=layer.groups, **kwargs)
+    return WeightQuantizer(**kwargs)
 
 
 def convert_sites_(module: nn.Module, sites: Sequence[str], arguments: dict[str, Any]) -> None:
@@ -339,11 +526,23 @@ def convert_sites_(module: nn.Module, sites: Sequence[str], arguments: dict[str,
         if not isinstance(layer._parameters.get("weight"), nn.Parameter):
             raise ValueError(f"{name!r} ({type(layer).__name__}) has no `weight` parameter to quantize")
         layers.append(layer)
+        if is_lazy(layer._parameters["weight"]):
+            raise ValueError(
+                f"{name!r} ({type(layer).__name__}) is lazy and not initialized yet: run one forward first "
+                "(see `materialize_lazy_`)"
+            )
     _make_quantizer(arguments)  # validate the arguments before touching the module
+    # A Parameter shared by several layers (tied weights) gets one quantizer: one latent, one q, one blend.
+    quantizers = {}
+    for layer in layers:
+        weight = layer._parameters["weight"]
+        if id(weight) not in quantizers:
+            quantizers[id(weight)] = _make_quantizer(arguments, layer)
     done: list[nn.Module] = []
     try:
         for layer in layers:
-            parametrize.register_parametrization(layer, "weight", _make_quantizer(arguments))
+            quantizer = quantizers[id(layer._parameters["weight"])]
+            parametrize.register_parametrization(layer, "weight", quantizer)
             done.append(layer)
     except Exception:
         for layer in done:
@@ -385,12 +584,14 @@ def quantize_weights_(
     ``include``/``exclude`` are glob patterns over module names; ``layer_types`` the layer classes considered;
     ``keep_first_last=True`` keeps the first and last of them *in execution order* (a probe forward on
     ``example_input``) in float. ``dry_run=True`` prints the plan and changes nothing. The module is left
-    unchanged on any error. The recipe is appended to ``module._lightning_ste_recipes``.
+    unchanged on any error. The recipe is appended to ``module._lightning_ste_recipes``. Lazy modules
+    (``nn.LazyLinear``, ...) are initialised first by a probe forward on ``example_input`` (on a copy when
+    ``dry_run``). Layers sharing one weight Parameter share its latent and quantizer.
     """
     if not isinstance(dry_run, bool):
         raise ValueError(f"`dry_run` must be a bool, got {dry_run!r}")
     plan = plan_weights(
-        module, bits, include, exclude, keep_first_last, per_channel, ternary_scale, binary_scale, layer_types,
+        copy.deepcopy(module) if dry_run and _lazy_modules(module) else module, bits, include, exclude, keep_first_last, per_channel, ternary_scale, binary_scale, layer_types,
         example_input,
     )  # fmt: skip
     if dry_run:
