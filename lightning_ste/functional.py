@@ -13,6 +13,7 @@ from torch import Tensor
 
 from lightning_ste import _kernels
 from lightning_ste import ste as _ste
+from lightning_ste.kernels import backend as _backend
 
 __all__ = [
     "ALPHA_FLOOR",
@@ -90,16 +91,32 @@ class _QuantizedReLU(torch.autograd.Function):
         ctx.bits, ctx.alpha_grad, ctx.alpha_lr_scale = bits, alpha_grad, alpha_lr_scale
         ctx.regions, ctx.derivative = entry.regions, entry.derivative
         grad_alpha = ctx.needs_input_grad[1]
-        ctx.packed = entry.regions is not None and _kernels.usable(x)
+        ctx.backend = _backend.backend_for(x, ste_name)
+        ctx.packed = ctx.backend == "cpu"
+        need_code = grad_alpha or entry.regions not in (None, (1.0, 1.0, 1.0))
+        keep_y = grad_alpha and alpha_grad == "ae"
+        if ctx.backend == "triton":
+            # One Triton kernel: y and a 2-bit region code (the log-tailed proxy keeps x instead).
+            tk = _backend.triton_module()
+            xd = x if tk.dense(x) else x.contiguous()
+            y, code = tk.relu_forward(
+                xd, alpha, levels, rounding == "nearest", need_code and entry.regions is not None
+            )
+            ctx.strides = y.stride()
+            ctx.save_for_backward(
+                xd if entry.regions is None else None,
+                alpha,
+                code if need_code and entry.regions is not None else None,
+                y if keep_y else None,
+            )
+            return y
         if ctx.packed:
             # Fused CPU kernel: the same values in one pass, and a 2-bit region code instead of a byte.
             a = alpha.detach().to(x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
             y, code = _kernels.relu_forward(x, a.clamp_min(ALPHA_FLOOR), levels, rounding == "nearest")
             ctx.strides = y.stride()
             need_code = grad_alpha or entry.regions != (1.0, 1.0, 1.0)
-            ctx.save_for_backward(
-                None, alpha, code if need_code else None, y if grad_alpha and alpha_grad == "ae" else None
-            )
+            ctx.save_for_backward(None, alpha, code if need_code else None, y if keep_y else None)
             return y
         # Half-precision inputs are quantized in float32 so the region tests and levels are exact, then
         # the levels are rounded once to the input dtype.
@@ -115,7 +132,6 @@ class _QuantizedReLU(torch.autograd.Function):
         # +-inf must not land on a level (NaN already propagates through clamp).
         y = torch.where(torch.isinf(compute), compute, y).to(x.dtype)
 
-        need_code = grad_alpha or entry.regions not in (None, (1.0, 1.0, 1.0))
         code = (compute > 0).to(torch.uint8).add_(compute > top) if need_code else None
         # Only an input-dependent proxy (log-tailed, user-registered) keeps x; the others a byte code.
         ctx.save_for_backward(
@@ -129,6 +145,8 @@ class _QuantizedReLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):  # type: ignore[override]
         x, alpha, code, y = ctx.saved_tensors
+        if ctx.backend == "triton":
+            return _QuantizedReLU._triton_backward(ctx, grad_y, x, alpha, code, y)
         if ctx.packed:
             return _QuantizedReLU._packed_backward(ctx, grad_y, alpha, code, y)
         a = alpha.detach().float().clamp_min(ALPHA_FLOOR)
@@ -153,6 +171,50 @@ class _QuantizedReLU(torch.autograd.Function):
                 if inside_w:
                     total = total + torch.where(code == _INSIDE, g, 0.0).sum() * inside_w
             grad_alpha = (total * ctx.alpha_lr_scale).clamp(-1.0, 1.0).to(alpha.dtype)
+        return grad_x, grad_alpha, None, None, None, None, None
+
+    @staticmethod
+    def _triton_backward(
+        ctx, grad_y: Tensor, x: Tensor | None, alpha: Tensor, code: Tensor | None, y: Tensor | None
+    ):
+        # One Triton kernel: grad_y * mu'(x) and the alpha gradient, reduced on the device.
+        tk = _backend.triton_module()
+        if ctx.regions is None:
+            gx_kind = tk.GX_LOG_TAILED if ctx.needs_input_grad[0] else tk.GX_NONE
+        elif ctx.needs_input_grad[0] and ctx.regions != (1.0, 1.0, 1.0):
+            gx_kind = tk.GX_REGIONS
+        else:
+            gx_kind = tk.GX_NONE
+        if not ctx.needs_input_grad[1]:
+            alpha_kind, weights = tk.ALPHA_NONE, (0.0, 0.0)
+        elif ctx.alpha_grad == "ae":
+            alpha_kind, weights = tk.ALPHA_AE, (0.0, 0.0)
+        else:
+            alpha_kind, weights = tk.ALPHA_REGIONS, _alpha_grad_weights(ctx.alpha_grad, ctx.bits)
+        grad_x = grad_y if ctx.needs_input_grad[0] and gx_kind == tk.GX_NONE else None
+        if gx_kind == tk.GX_NONE and alpha_kind == tk.ALPHA_NONE:
+            return grad_x, None, None, None, None, None, None
+        if grad_y.stride() != ctx.strides:  # the kernels read the gradient in the forward's memory order
+            grad_y = torch.empty_strided(
+                grad_y.shape, ctx.strides, dtype=grad_y.dtype, device=grad_y.device
+            ).copy_(grad_y)
+        gx, grad_alpha = tk.relu_backward(
+            grad_y,
+            x if ctx.regions is None else code,
+            alpha,
+            2**ctx.bits - 1,
+            from_x=ctx.regions is None,
+            gx_kind=gx_kind,
+            multipliers=ctx.regions or (0.0, 0.0, 0.0),
+            alpha_kind=alpha_kind,
+            alpha_weights=weights,
+            alpha_lr_scale=ctx.alpha_lr_scale,
+            y=y,
+        )
+        if gx is not None:
+            grad_x = gx
+        if grad_alpha is not None and grad_alpha.dtype != alpha.dtype:
+            grad_alpha = grad_alpha.to(alpha.dtype)
         return grad_x, grad_alpha, None, None, None, None, None
 
     @staticmethod

@@ -1,0 +1,9 @@
+"""Backends of the quantized ReLU and the one place that chooses between them.
+
+``LIGHTNING_STE_KERNELS`` = ``auto`` (default) | ``eager`` | ``cpu`` | ``triton`` (``0`` means ``eager``,
+``1`` means ``auto``). See :func:`backend_for`.
+"""
+
+from lightning_ste.kernels.backend import BACKENDS, backend_for, setting, triton_usable
+
+__all__ = ["BACKENDS", "backend_for", "setting", "triton_usable"]
