@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from alpha_oracle import AlphaProbe, check_alpha_record
 from lightning.pytorch.callbacks import (
     EarlyStopping,
     ModelCheckpoint,
@@ -312,7 +313,7 @@ def test_ddp_two_processes_agree_and_their_checkpoint_loads_in_one_process(mnist
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=3)
     trainer = make_trainer(
         tmp_path,
-        [*quant_callbacks(), ckpt, DumpRank(tmp_path, x_eval)],
+        [*quant_callbacks(), ckpt, DumpRank(tmp_path, x_eval), AlphaProbe(bits=2, folder=tmp_path)],
         strategy="ddp_spawn",
         devices=2,
         max_steps=3,
@@ -325,7 +326,13 @@ def test_ddp_two_processes_agree_and_their_checkpoint_loads_in_one_process(mnist
     for part in ("latent", "alpha"):
         for name in r0[part]:
             assert torch.equal(r0[part][name], r1[part][name]), (part, name)
-    assert all(abs(float(a) - 0.6511) > 1e-6 for a in r0["alpha"].values())  # the alphas did train
+    # Step 1 on each rank: alpha.grad is the mean over both ranks of the proxy gradient of each rank's own
+    # inputs, and SGD (lr 0.05, the callback's group without weight decay) moved alpha by lr times it.
+    for rank in (0, 1):
+        probe = torch.load(tmp_path / f"alpha_probe_rank{rank}.pt")
+        assert sorted(probe) == ["act", "relu_fx_0"]
+        check_alpha_record(probe)
+    assert all(abs(float(a) - 0.6511) > 1e-6 for a in r0["alpha"].values())  # and kept training
     # (Eval outputs may differ between ranks: each rank's BatchNorm running statistics saw its own shard.)
 
     # The checkpoint the DDP run wrote rebuilds the model in this single process, with rank 0's outputs.
