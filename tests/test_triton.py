@@ -176,6 +176,28 @@ def test_alpha_gradient_reduced_over_many_programs(monkeypatch: pytest.MonkeyPat
         assert int(tk._counter(torch.device(DEVICE))) == 0
 
 
+def test_alpha_below_the_floor_and_nan_alpha(monkeypatch: pytest.MonkeyPatch) -> None:
+    """alpha is clamped to 1e-3 on the device (no host read); a NaN alpha gives NaN levels, as eagerly."""
+    x = _inputs(0.001, 4, torch.float32, seed=9, n=60)
+    g = _grads(x.shape, torch.float32, seed=9)
+    for alpha in (1e-4, NAN):
+        for ste, alpha_grad in (("clipped_relu", "mean"), ("log_tailed_relu", "ae")):
+            monkeypatch.setenv("LIGHTNING_STE_KERNELS", "triton")
+            xi = x.clone().to(DEVICE).requires_grad_(True)
+            a = torch.tensor(alpha, device=DEVICE, requires_grad=True)
+            y = quantized_relu(xi, a, 4, ste=ste, alpha_grad=alpha_grad) if alpha == alpha else None
+            if y is None:  # quantized_relu refuses a NaN alpha on the CPU: call the kernels themselves
+                y, code = tk.relu_forward(xi.detach(), a, 15, False)
+                ref.assert_same_bits(y.cpu(), ref.forward(x, alpha, 4), SIGNED_ZERO, "NaN alpha")
+                assert torch.equal(_decode(code, x.numel()), ref.region(x, alpha, 4))
+                continue
+            y.backward(g.to(DEVICE))
+            what = f"alpha={alpha} {ste}"
+            ref.assert_same_bits(y.detach().cpu(), ref.forward(x, alpha, 4), SIGNED_ZERO, what)
+            ref.assert_same_bits(xi.grad.cpu(), ref.grad_x(x, g, alpha, 4, ste), SIGNED_ZERO, what)
+            ref.assert_close_alpha(a.grad.cpu(), ref.alpha_terms(x, g, alpha, 4, alpha_grad), 0.01)
+
+
 def test_only_the_needed_outputs_and_saved_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     """Saved for backward: a 2-bit code (n/4 bytes) and the 0-dim alpha; y only for "ae"; x only for the
     input-dependent log-tailed proxy; nothing per element for identity without an alpha gradient."""

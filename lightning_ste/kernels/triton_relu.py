@@ -223,11 +223,10 @@ _counter_lock = threading.Lock()
 
 
 def _counter(device: torch.device) -> Tensor:
-    """The last-program counter: zero between launches (the last program resets it). One per CUDA device and
-    stream, so kernels queued on one stream never share it; a fresh one per call on the CPU (interpreter)."""
-    if device.type != "cuda":
-        return torch.zeros(1, dtype=torch.int32, device=device)
-    key = (device.type, device.index or 0, torch.cuda.current_stream(device).stream_id)
+    """The last-program counter, zero between launches (the last program resets it): one per device and
+    CUDA stream, so kernels queued on different streams never share one."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device.type, device.index or 0, stream)
     counter = _counters.get(key)
     if counter is None:
         with _counter_lock:
