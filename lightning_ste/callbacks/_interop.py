@@ -9,17 +9,20 @@ The functions here repair those references; they use ModelPruning's documented-b
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeightAveraging
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.nn.utils import parametrize
 
 __all__ = [
     "LATENT_NAME",
+    "after_configure_model",
+    "cancel_after_configure_model",
     "auto_pruners_after",
     "latent_parameter",
     "pruning_mask",
@@ -29,6 +32,48 @@ __all__ = [
 ]
 
 LATENT_NAME = "original"  # the float W of a parametrized weight: layer.parametrizations.weight.original
+_PENDING = "_lightning_ste_after_configure_model"
+
+
+def after_configure_model(pl_module: pl.LightningModule, fn: Callable[[], None]) -> bool:
+    """Run ``fn`` right after the module's ``configure_model``, or now when it does not override it.
+
+    Lightning calls every callback's ``setup`` and then ``LightningModule.configure_model`` (its lazy-init
+    hook, where FSDP users build layers), and only then restores ``ckpt_path``, wraps the model for the
+    strategy and builds the optimizers. A conversion deferred here therefore sees every layer and still
+    comes before all of those. ``configure_model`` is wrapped on the instance for that one call (the wrapper
+    keeps ``__wrapped__``, so Lightning still sees the hook as overridden) and removed again after it.
+    Returns whether ``fn`` was deferred.
+    """
+    if not is_overridden("configure_model", pl_module):
+        fn()
+        return False
+    pending: list[Callable[[], None]] | None = pl_module.__dict__.get(_PENDING)
+    if pending is None:
+        pending = []
+        original = pl_module.configure_model
+
+        def configure_model() -> None:
+            try:
+                original()
+            finally:
+                cancel_after_configure_model(pl_module)
+            for step in pending:
+                step()
+
+        configure_model.__wrapped__ = original  # type: ignore[attr-defined]
+        configure_model.lightning_ste_wrapper = True  # type: ignore[attr-defined]
+        pl_module.__dict__["configure_model"] = configure_model
+        pl_module.__dict__[_PENDING] = pending
+    pending.append(fn)
+    return True
+
+
+def cancel_after_configure_model(pl_module: nn.Module) -> None:
+    """Drop a pending :func:`after_configure_model` wrapper (the run failed before configure_model ran)."""
+    if getattr(pl_module.__dict__.get("configure_model"), "lightning_ste_wrapper", False):
+        del pl_module.__dict__["configure_model"]
+    pl_module.__dict__.pop(_PENDING, None)
 
 
 def _earlier(trainer: pl.Trainer, me: Callback) -> Iterator[Callback]:

@@ -12,8 +12,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from lightning_ste.callbacks._interop import recopy_earlier_swa
+from lightning_ste.callbacks._interop import (
+    after_configure_model,
+    cancel_after_configure_model,
+    recopy_earlier_swa,
+)
 from lightning_ste.convert import (
+    DEFAULT_TARGETS,
     ActivationPlan,
     apply_plan,
     check_activation_arguments,
@@ -43,9 +48,11 @@ class QuantizeActivations(Callback):
         include, exclude: glob patterns over the site names printed in the plan.
         calibration_batches: training batches used by ``alpha="calibrate"``.
         dry_run: print the plan at setup and change nothing.
+        targets: the activations converted: ``("relu",)``, or ``("relu", "relu6")`` to also turn ReLU6 into
+            the staircase capped at 6 (``alpha = 6 / L`` fixed, the clipped ReLU with a fixed top).
 
-    The model is converted in ``setup`` (before ``configure_optimizers``, strategy wrapping and checkpoint
-    restore), once: a second fit/validate/test on the same objects finds the recipe and does not convert
+    The model is converted in ``setup``, or right after ``LightningModule.configure_model`` when the module
+    overrides it (before ``configure_optimizers``, strategy wrapping and checkpoint restore), once: a second fit/validate/test on the same objects finds the recipe and does not convert
     again. Learned alphas that the user's optimizer does not hold are added to its first optimizer as one
     param group with weight decay 0. The recipe goes into every checkpoint, so ``trainer.fit(...,
     ckpt_path=...)`` with fresh objects and :func:`lightning_ste.load_from_checkpoint` rebuild the model.
@@ -63,9 +70,19 @@ class QuantizeActivations(Callback):
         exclude: str | Sequence[str] | None = None,
         calibration_batches: int = 1,
         dry_run: bool = False,
+        targets: Sequence[str] = DEFAULT_TARGETS,
     ) -> None:
         self._arguments = check_activation_arguments(
-            bits, ste, alpha, alpha_grad, alpha_lr_scale, rounding, include, exclude, calibration_batches
+            bits,
+            ste,
+            alpha,
+            alpha_grad,
+            alpha_lr_scale,
+            rounding,
+            include,
+            exclude,
+            calibration_batches,
+            targets,
         )
         if not isinstance(dry_run, bool):
             raise ValueError(f"`dry_run` must be a bool, got {dry_run!r}")
@@ -86,6 +103,10 @@ class QuantizeActivations(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._applied = None
+        # Layers built in configure_model (which Lightning calls after every setup) are converted right after it.
+        after_configure_model(pl_module, lambda: self._convert(trainer, pl_module, stage))
+
+    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         recipe = find_recipe(pl_module, self._arguments)
         if recipe is not None:  # converted by an earlier fit/validate/test (or by hand, same arguments)
             self.sites = list(recipe["sites"])
@@ -105,12 +126,14 @@ class QuantizeActivations(Callback):
     ) -> None:
         # A failure before training starts (another callback's setup, restoring ckpt_path) leaves the model as
         # it was given, not half-converted; once fit has started, the converted model is the run's state.
+        cancel_after_configure_model(pl_module)
         if self._applied is not None:
             revert_plan(self._applied)
             self._applied, self.sites = None, []
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._applied = None
+        cancel_after_configure_model(pl_module)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._applied = None

@@ -22,7 +22,9 @@ from lightning_ste.blend import (
     scaler_found_inf,
 )
 from lightning_ste.callbacks._interop import (
+    after_configure_model,
     auto_pruners_after,
+    cancel_after_configure_model,
     latent_parameter,
     pruning_mask,
     recopy_earlier_swa,
@@ -37,6 +39,7 @@ from lightning_ste.weights import (
     check_weight_args,
     convert_sites_,
     has_weights_recipe,
+    lazy_modules,
     plan_weights,
     quantized_layers,
     remove_quantization_,
@@ -119,20 +122,8 @@ class BlendedQuantWeights(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._applied = False
-        if has_weights_recipe(pl_module):
-            # A second fit/validate/test on the same module, or a module converted by hand: keep it as it is.
-            rank_zero_info(
-                "BlendedQuantWeights: the module already holds quantized weights; not converting again"
-            )
-        elif self.dry_run:
-            plan = self._plan(trainer, pl_module, stage)
-            rank_zero_info(plan.format("BlendedQuantWeights (dry run, nothing changed)"))
-        else:
-            plan = self._plan(trainer, pl_module, stage)
-            apply_plan(pl_module, plan)
-            self._applied = True
-            rank_zero_info(plan.format("BlendedQuantWeights"))
-            recopy_earlier_swa(trainer, pl_module, self, stage)
+        # Layers built in configure_model (which Lightning calls after every setup) are converted right after it.
+        after_configure_model(pl_module, lambda: self._convert(trainer, pl_module, stage))
         if self.dry_run:
             return
         # A ModelPruning set up after this hook discovers parameters itself and cannot see q(W)'s latent W.
@@ -140,6 +131,24 @@ class BlendedQuantWeights(Callback):
         # Lightning loads `ckpt_path` after every `setup` hook; this pre-hook lets the checkpoint's layers win.
         self._remove_load_hook()
         self._load_hook = pl_module.register_load_state_dict_pre_hook(self._on_load_state_dict)
+
+    def _convert(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if has_weights_recipe(pl_module):
+            # A second fit/validate/test on the same module, or a module converted by hand: keep it as it is.
+            rank_zero_info(
+                "BlendedQuantWeights: the module already holds quantized weights; not converting again"
+            )
+        elif self.dry_run:
+            # Lazy modules are initialised on a copy: a dry run leaves the model exactly as it was.
+            target = copy.deepcopy(pl_module) if lazy_modules(pl_module) else pl_module
+            plan = self._plan(trainer, target, stage)
+            rank_zero_info(plan.format("BlendedQuantWeights (dry run, nothing changed)"))
+        else:
+            plan = self._plan(trainer, pl_module, stage)
+            apply_plan(pl_module, plan)
+            self._applied = True
+            rank_zero_info(plan.format("BlendedQuantWeights"))
+            recopy_earlier_swa(trainer, pl_module, self, stage)
 
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
@@ -175,10 +184,12 @@ class BlendedQuantWeights(Callback):
         self._pruning_undo = retarget_pruning(trainer, layers, self._auto_pruners)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._layers = [
-            (latent_parameter(layer.parametrizations.weight), _BlendTarget(layer.parametrizations.weight, q))
-            for _, layer, _, q in quantized_layers(pl_module)
-        ]
+        # One entry per latent: layers sharing a weight (tied) share it and its quantizer, blended once.
+        latents: dict[int, tuple[Tensor, Callable[[Tensor], Tensor]]] = {}
+        for _, layer, _, q in quantized_layers(pl_module):
+            latent = latent_parameter(layer.parametrizations.weight)
+            latents.setdefault(id(latent), (latent, _BlendTarget(layer.parametrizations.weight, q)))
+        self._layers = list(latents.values())
         self._per_optimizer.clear()
         trained = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
         idle = [
@@ -230,6 +241,7 @@ class BlendedQuantWeights(Callback):
     ) -> None:
         # A failure before training starts (another callback's setup, restoring ckpt_path) leaves the model as
         # it was given, not half-converted; once fit has started, the converted model is the run's state.
+        cancel_after_configure_model(pl_module)
         if self._applied:
             # This setup found no quantized weights, so none is the state to go back to (a checkpoint's recipe
             # may have changed the layers since).
@@ -243,6 +255,7 @@ class BlendedQuantWeights(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._applied = False
+        cancel_after_configure_model(pl_module)
         self._remove_load_hook()
         restore_pruning(trainer, self._pruning_undo)
         self._pruning_undo = {}
@@ -256,7 +269,10 @@ class BlendedQuantWeights(Callback):
     # --------------------------------------------------------------------------------------- helpers
 
     def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str):
-        example = self._example_input(trainer, pl_module, stage) if self.keep_first_last else None
+        # The probe input serves keep_first_last and lazy modules (nn.LazyLinear, ...), which get their shapes
+        # from one forward.
+        needs_probe = self.keep_first_last or bool(lazy_modules(pl_module))
+        example = self._example_input(trainer, pl_module, stage) if needs_probe else None
         return plan_weights(
             pl_module,
             bits=self.bits,
@@ -288,8 +304,9 @@ class BlendedQuantWeights(Callback):
             loader = next(iter(loader.values()))
         if loader is None:
             raise ValueError(
-                "`keep_first_last=True` needs one batch at setup to find the first and last layer in execution "
-                "order: set `example_input_array` on the LightningModule or give the Trainer a dataloader"
+                "`keep_first_last=True` and lazy modules need one batch at setup (to find the first and last layer "
+                "in execution order, or the lazy layers' shapes): set `example_input_array` on the LightningModule "
+                "or give the Trainer a dataloader"
             )
         # The batch the model will see: through the same transfer hooks (a data module's on_after_batch_transfer
         # may normalise uint8 images, as ImageNetDataModule does).
