@@ -56,8 +56,9 @@ def load_from_checkpoint(
 ) -> nn.Module:
     """Rebuild a quantized model from a Lightning checkpoint, no Trainer needed; returned in eval mode.
 
-    Builds ``cls(**{**checkpoint["hyper_parameters"], **kwargs})``, replays the stored conversion recipes
-    (both callbacks'), loads the ``state_dict`` strictly. The checkpoint is unpickled in full
+    Builds ``cls(**{**checkpoint["hyper_parameters"], **kwargs})``, calls its ``configure_model`` (if any),
+    initialises lazy modules with a probe forward on ``example_input_array`` when their weights were
+    quantized, replays the stored conversion recipes (both callbacks'), loads the ``state_dict`` strictly. The checkpoint is unpickled in full
     (``weights_only=False``), as Lightning does: load only checkpoints you trust.
     """
     checkpoint = torch.load(path, map_location=map_location, weights_only=False)
@@ -67,8 +68,21 @@ def load_from_checkpoint(
     model = cls(**_init_kwargs(cls, hparams, kwargs))
     configure_model = getattr(model, "configure_model", None)
     if callable(configure_model):
-        configure_model()
-    apply_recipes(model, recipes_of(checkpoint))
+        configure_model()  # layers built there exist before the recipes are replayed, as in the Trainer
+    recipes = recipes_of(checkpoint)
+    if any(r.get("kind") == "weights" for r in recipes if isinstance(r, dict)):
+        from lightning_ste.weights import lazy_modules, materialize_lazy_
+
+        if lazy_modules(model):
+            # Lazy layers get their shapes from one probe forward (their values then come from the checkpoint).
+            example = getattr(model, "example_input_array", None)
+            if example is None:
+                raise ValueError(
+                    f"{type(model).__name__} has lazy modules ({', '.join(lazy_modules(model))}) whose weights "
+                    "were quantized: set `example_input_array` on it so one probe forward gives them their shapes"
+                )
+            materialize_lazy_(model, example)
+    apply_recipes(model, recipes)
     if hasattr(model, "on_load_checkpoint"):
         model.on_load_checkpoint(checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=True)

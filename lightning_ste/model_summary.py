@@ -41,8 +41,14 @@ def quantized_weight_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module, 
 
 
 def scale_count(weight: Tensor, quantizer: WeightQuantizer) -> int:
-    """Number of scales q(W) carries: one per tensor, or one per output channel (``per_channel``)."""
-    return weight.shape[0] if quantizer.per_channel and weight.dim() > 1 else 1
+    """Number of scales q(W) carries: one per tensor, or one per output channel (``per_channel``).
+
+    A ConvTranspose weight is laid out ``[in, out/groups, *k]``: its output channels are ``shape[1] * groups``.
+    """
+    if not (quantizer.per_channel and weight.dim() > 1):
+        return 1
+    groups = getattr(quantizer, "groups", None)  # TransposedWeightQuantizer
+    return weight.shape[1] * groups if groups is not None else weight.shape[0]
 
 
 def _dtype_bits(t: Tensor) -> int:
@@ -143,23 +149,29 @@ def _human_bytes(n: float) -> str:
     return f"{n:g} B"
 
 
-def _layer_row(name: str, module: nn.Module) -> LayerSummary | None:
+def _layer_row(name: str, module: nn.Module, seen: set[int]) -> LayerSummary | None:
+    """One row; tensors in ``seen`` (a weight tied to an earlier layer) are not counted again."""
     params = fp32 = quant = quantized = 0
     weight_bits: int | None = None
     quantizer = weight_quantizer(module)
+    tied = quantizer is not None and id(module.parametrizations.weight.original) in seen
     if quantizer is not None:
+        weight_bits = quantizer.bits
+    if quantizer is not None and not tied:
         w = module.parametrizations.weight.original
+        seen.add(id(w))
         params += w.numel()
         quantized = w.numel()
-        weight_bits = quantizer.bits
         fp32 += FP32_BITS * w.numel()
         # Ternary codes take 2 bits, b-bit codes b bits; the scales stay at the weight's width.
         quant += quantizer.bits * w.numel() + _dtype_bits(w) * scale_count(w, quantizer)
-    for pname, p in module.named_parameters(recurse=False):
+    own = [(pname, p) for pname, p in module._parameters.items() if p is not None and id(p) not in seen]
+    seen.update(id(p) for _, p in own)
+    for pname, p in own:
         params += p.numel()
         if pname == "weight":
             weight_bits = _dtype_bits(p)
-    tensors = [p for _, p in module.named_parameters(recurse=False)]
+    tensors = [p for _, p in own]
     if parametrize.is_parametrized(module):
         # Latent tensors of other parametrizations (weight norm, ...) are stored in float.
         for tname, plist in module.parametrizations.items():
@@ -182,7 +194,7 @@ def _layer_row(name: str, module: nn.Module) -> LayerSummary | None:
             fp32 += FP32_BITS * t.numel()
             quant += _dtype_bits(t) * t.numel()
     is_act = isinstance(module, QuantReLU)
-    if not (is_act or fp32):
+    if not (is_act or fp32 or tied):
         return None
     return LayerSummary(
         name=name,
@@ -203,16 +215,18 @@ def summary(model: nn.Module) -> QuantModelSummary:
 
     A weight parametrized by :class:`~lightning_ste.WeightQuantizer` counts ``bits`` per element plus its
     scale(s) (BCGD19: 1-bit sign, ternary 2-bit, b-bit codes); everything else counts at its float width.
+    A weight shared by several layers (tied) is counted once, at the first layer that holds it.
     ``str(summary(model))`` is a ``ModelSummary``-style table.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     rows = []
+    seen: set[int] = set()  # a tied weight is stored, and counted, once
     for name, module in model.named_modules():
         # The parametrization containers are accounted for by the layer that owns them.
         if "parametrizations" in name.split("."):
             continue
-        row = _layer_row(name, module)
+        row = _layer_row(name, module, seen)
         if row is not None:
             rows.append(row)
     return QuantModelSummary(rows)
