@@ -284,3 +284,63 @@ def test_torch_compile_traces_the_custom_ops_without_graph_breaks(monkeypatch: p
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     assert torch.equal(results[0][2], results[1][2])
     torch._dynamo.reset()
+
+
+_COMPILE_FOR_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lightning_ste.kernels import triton_relu as T
+
+target = GPUTarget("cuda", 90, 32)
+options = {"num_warps": T.NUM_WARPS, "enable_fp_fusion": False}
+fused_multiply_add = []
+for dt, nearest in (("fp32", False), ("fp16", True), ("bf16", True)):
+    sig = {"x_ptr": "*" + dt, "alpha_ptr": "*fp32", "y_ptr": "*" + dt, "code_ptr": "*u8", "n": "i32",
+           "levels": "fp32", "alpha_floor": "fp32", "NEAREST": "constexpr", "WANT_CODE": "constexpr",
+           "OUT_BF16": "constexpr", "BLOCK": "constexpr"}
+    const = {"NEAREST": nearest, "WANT_CODE": True, "OUT_BF16": dt == "bf16", "BLOCK": T.BLOCK}
+    ptx = triton.compile(ASTSource(T._qrelu_fwd_kernel, sig, constexprs=const), target=target, options=options).asm["ptx"]
+    assert "div.rn.f32" in ptx, "forward: IEEE division expected"
+    fused_multiply_add += ["fma" in ptx]
+for dt, (from_x, gx, alpha) in zip(("fp32", "fp16", "bf16", "bf16"), ((0, 1, 1), (0, 0, 2), (1, 2, 1), (1, 0, 2))):
+    sig = {"g_ptr": "*" + dt, "src_ptr": "*" + (dt if from_x else "u8"), "y_ptr": "*" + dt, "alpha_ptr": "*fp32",
+           "gx_ptr": "*" + dt, "partial_ptr": "*fp32", "counter_ptr": "*i32", "out_ptr": "*fp32", "n": "i32",
+           "levels": "fp32", "alpha_floor": "fp32", "m0": "fp32", "m1": "fp32", "m2": "fp32", "w_in": "fp32",
+           "w_above": "fp32", "scale": "fp32", "FROM_X": "constexpr", "GX": "constexpr", "ALPHA": "constexpr",
+           "OUT_BF16": "constexpr", "BLOCK": "constexpr", "RBLOCK": "constexpr"}
+    const = {"FROM_X": bool(from_x), "GX": gx, "ALPHA": alpha, "OUT_BF16": dt == "bf16", "BLOCK": T.BLOCK,
+             "RBLOCK": 1024}
+    ptx = triton.compile(ASTSource(T._qrelu_bwd_kernel, sig, constexprs=const), target=target, options=options).asm["ptx"]
+    assert "atom" in ptx, "backward: the last-program counter is an atomic"
+    fused_multiply_add += ["fma" in ptx]
+assert not any(fused_multiply_add), "a fused multiply-add would round differently from torch"
+print("compiled", len(fused_multiply_add))
+"""
+
+
+def test_kernels_compile_for_a_gpu_without_one(tmp_path) -> None:
+    """The GPU lowering (Triton -> PTX -> cubin for sm_90, with the ptxas that ships with Triton) accepts
+    the kernels (each dtype, rounding and backward variant at least once): IEEE division, no fused
+    multiply-add. Runs in a subprocess: this session's
+    kernels are built for the interpreter."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("Triton has no NVIDIA backend here")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_SM90],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled 7" in done.stdout

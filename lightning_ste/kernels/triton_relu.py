@@ -46,7 +46,7 @@ NUM_WARPS = 4
 GX_NONE, GX_REGIONS, GX_LOG_TAILED = 0, 1, 2
 ALPHA_NONE, ALPHA_REGIONS, ALPHA_AE = 0, 1, 2
 
-_FLT_MAX = 3.4028234663852886e38
+_FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite float32
 _ALPHA_FLOOR = 1e-3  # functional.ALPHA_FLOOR (not imported: functional imports this package)
 
 
@@ -255,6 +255,7 @@ def _forward_op(
             OUT_BF16=x.dtype == torch.bfloat16,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
+        enable_fp_fusion=False,  # no fused multiply-add: every product rounds as in torch
         )
     return y, code
 
@@ -323,6 +324,7 @@ def _backward_op(
         BLOCK=BLOCK,
         RBLOCK=rblock,
         num_warps=NUM_WARPS,
+        enable_fp_fusion=False,  # no fused multiply-add: every product rounds as in torch
     )
     return gx, out
 
