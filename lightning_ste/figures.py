@@ -55,7 +55,13 @@ def ylz19_fig1(
     ``N`` samples ``Z`` (m x n, i.i.d. N(0, 1)) and takes one coarse-gradient step of size ``eta`` in
     ``[0, max_step]``. A descent direction shows a loss that first decreases with ``eta``.
     """
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ModuleNotFoundError(
+            "drawing a figure needs matplotlib, an optional dependency: pip install 'lightning-ste[plots]'",
+            name="matplotlib",
+        ) from err
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

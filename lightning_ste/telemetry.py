@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -134,7 +134,8 @@ class QuantTelemetry(Callback):
     host reads them (one transfer) only on the steps that log, summed over processes in distributed runs.
     With a :class:`~lightning.pytorch.loggers.WandbLogger` a histogram of alpha across layers is logged too,
     and at the end of training a per-layer level-occupancy chart; the chart is also written as
-    ``quant_level_occupancy.png`` to the trainer's log directory. ``enabled=False`` turns all of it off.
+    ``quant_level_occupancy.png`` to the trainer's log directory (it needs matplotlib, the ``plots`` extra;
+    without it the chart is skipped with one warning). ``enabled=False`` turns all of it off.
 
     The activation statistics cost a few elementwise passes over every quantizer input of a training step
     (ResNet-18 W1A4, batch 128, 224x224, bf16-mixed on an H200: 38.0 -> 50.7 ms a step);
@@ -220,13 +221,21 @@ class QuantTelemetry(Callback):
         log_dir = trainer.log_dir or trainer.default_root_dir  # a collective call: every rank makes it
         if not trainer.is_global_zero or not occupancy:
             return
-        os.makedirs(log_dir, exist_ok=True)
-        self.chart_path = os.path.join(log_dir, CHART_FILENAME)
-        figure = occupancy_figure(
-            occupancy, {n: float(m.alpha.detach()) for n, (m, _) in self._state.activations.items()}
-        )
-        figure.savefig(self.chart_path, dpi=100)
-        rank_zero_info(f"QuantTelemetry: level-occupancy chart written to {self.chart_path}")
+        if _matplotlib_available():
+            os.makedirs(log_dir, exist_ok=True)
+            self.chart_path = os.path.join(log_dir, CHART_FILENAME)
+            figure = occupancy_figure(
+                occupancy, {n: float(m.alpha.detach()) for n, (m, _) in self._state.activations.items()}
+            )
+            figure.savefig(self.chart_path, dpi=100)
+            rank_zero_info(f"QuantTelemetry: level-occupancy chart written to {self.chart_path}")
+        else:
+            # An optional output: the run must not fail for it (the shares are logged as numbers anyway).
+            rank_zero_warn(
+                "QuantTelemetry: matplotlib is not installed, so the level-occupancy chart "
+                f"({CHART_FILENAME}) was skipped; `pip install 'lightning-ste[plots]'` (or matplotlib) draws it. "
+                "The shares are still logged as quant/<layer>/level_<k>."
+            )
         wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if wandb_loggers:
             import wandb
@@ -235,13 +244,11 @@ class QuantTelemetry(Callback):
             for name, shares in occupancy.items():
                 for level, share in enumerate(shares):
                     table.add_data(name, level, share)
+            media: dict[str, Any] = {"quant/level_occupancy_table": table}
+            if self.chart_path is not None:
+                media["quant/level_occupancy"] = wandb.Image(self.chart_path)
             for lg in wandb_loggers:
-                lg.experiment.log(
-                    {
-                        "quant/level_occupancy": wandb.Image(self.chart_path),
-                        "quant/level_occupancy_table": table,
-                    }
-                )
+                lg.experiment.log(media)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
@@ -383,6 +390,15 @@ class QuantTelemetry(Callback):
                 rho = cb.rho
                 return float(rho.detach()) if isinstance(rho, Tensor) else float(rho)
         return None
+
+
+def _matplotlib_available() -> bool:
+    """True when matplotlib (an optional dependency: the ``plots`` extra) can be imported."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def occupancy_figure(occupancy: Mapping[str, list[float]], alphas: Mapping[str, float] | None = None):

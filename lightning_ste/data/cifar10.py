@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_ste.data.common import resolve_root, subset_indices
+from lightning_ste.data.common import ResumableTrainData, resolve_root, resumable_loader, subset_indices
 
 __all__ = ["CIFAR10DataModule", "read_cifar10", "write_cifar10"]
 
@@ -70,7 +70,7 @@ class _Images(Dataset):
         return (img - self.mean) / self.std, self.y[i]
 
 
-class CIFAR10DataModule(pl.LightningDataModule):
+class CIFAR10DataModule(ResumableTrainData, pl.LightningDataModule):
     """CIFAR-10 (50k train, 10k test used for validation); downloads to ``root`` when missing (torchvision).
 
     ``root`` holds ``cifar-10-batches-py``; None means ``$LIGHTNING_STE_DATA`` or ``./data``.
@@ -117,10 +117,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(
+        return resumable_loader(
             data,
-            batch_size=batch_size,
-            shuffle=shuffle,
+            batch_size,
+            shuffle,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
@@ -128,7 +128,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, self.hparams.batch_size, shuffle=True)
+        return self._resumable(self._loader(self.train_data, self.hparams.batch_size, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_data, self.hparams.val_batch_size, shuffle=False)

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    TensorDataset,
+)
 
-__all__ = ["DATA_ENV", "BatchIndexedTensors", "resolve_root", "subset_indices", "tensor_loader"]
+__all__ = [
+    "DATA_ENV",
+    "BatchIndexedTensors",
+    "ResumableDataLoader",
+    "ResumableTrainData",
+    "SkippingBatchSampler",
+    "resolve_root",
+    "resumable_loader",
+    "subset_indices",
+    "tensor_loader",
+]
 
 DATA_ENV = "LIGHTNING_STE_DATA"
 
@@ -44,14 +64,129 @@ def _as_is(batch: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     return batch
 
 
+class SkippingBatchSampler(BatchSampler):
+    """A ``BatchSampler`` whose next pass can leave out its first ``skip`` batches without loading them
+    (only their indices are drawn, so the order of the rest is that of an uninterrupted pass)."""
+
+    skip: int = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield batch
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning resumes mid-epoch (it has ``state_dict``/``load_state_dict``).
+
+    State: the shuffle generator's state at the start of the current epoch and the number of batches handed
+    out in it. Loading it makes the next pass draw the same order (and, with workers, the same worker seeds)
+    and skip the batches already trained on, so a run resumed from a mid-epoch checkpoint sees the batches an
+    uninterrupted run sees. A finished epoch is saved as "the next epoch starts from the generator's current
+    state". ``epoch_length`` (set by the data module) says how many batches the trainer takes per epoch
+    (``limit_train_batches``); None means all.
+    """
+
+    _pending: dict[str, Any] | None = None
+    _epoch_start: Tensor | None = None
+    _served: int = 0
+    epoch_length: Callable[[], float] | None = None
+
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        state, self._pending = self._pending, None
+        skip = 0
+        if state is not None:
+            if self.generator is not None and state.get("generator") is not None:
+                self.generator.set_state(state["generator"])
+            skip = int(state.get("served", 0))
+        self._epoch_start = self.generator.get_state() if self.generator is not None else torch.empty(0)
+        self._served = skip
+        if skip and isinstance(self.batch_sampler, SkippingBatchSampler):
+            self.batch_sampler.skip, skip = skip, 0
+        return self._counted(super().__iter__(), skip)
+
+    def _counted(self, batches: Iterator[Any], drop: int) -> Iterator[Any]:
+        for i, batch in enumerate(batches):
+            if i < drop:  # only without a SkippingBatchSampler: these batches are loaded, then dropped
+                continue
+            self._served += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        length = len(self)
+        if self.epoch_length is not None:
+            length = min(length, self.epoch_length())
+        if self._epoch_start is None or self._served >= length:
+            current = self.generator.get_state() if self.generator is not None else None
+            return {"generator": current, "served": 0}
+        start = self._epoch_start if self.generator is not None else None
+        return {"generator": start, "served": self._served}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        served = state_dict.get("served")
+        if not isinstance(served, int) or served < 0:
+            raise ValueError(f"a ResumableDataLoader state needs `served`, an int >= 0, got {served!r}")
+        self._pending = dict(state_dict)
+
+
+def resumable_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    drop_last: bool = False,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> ResumableDataLoader:
+    """A :class:`ResumableDataLoader` (``kwargs`` go to ``DataLoader``). With ``shuffle`` the order comes from
+    the loader's own generator, seeded with ``seed`` or, when None, from torch's global RNG (so
+    ``seed_everything`` sets it)."""
+    generator = None
+    if shuffle:
+        generator = torch.Generator()
+        start = int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else seed
+        generator.manual_seed(start)
+        sampler: RandomSampler | SequentialSampler = RandomSampler(dataset, generator=generator)
+    else:
+        sampler = SequentialSampler(dataset)
+    batches = SkippingBatchSampler(sampler, batch_size=batch_size, drop_last=drop_last)
+    return ResumableDataLoader(dataset, batch_sampler=batches, generator=generator, **kwargs)
+
+
+class ResumableTrainData:
+    """Mixin of the recipe data modules: their training loader's position goes into the checkpoint.
+
+    ``state_dict`` holds the training loader's state, so a checkpoint taken at an epoch end (which Lightning
+    does not hand to the loader) also resumes with the shuffle order an uninterrupted run would draw next.
+    """
+
+    _train_loader: ResumableDataLoader | None = None
+    _train_state: dict[str, Any] | None = None
+
+    def _resumable(self, loader: ResumableDataLoader) -> ResumableDataLoader:
+        loader.epoch_length = self._epoch_length
+        if self._train_state is not None:
+            loader.load_state_dict(self._train_state)
+            self._train_state = None
+        self._train_loader = loader
+        return loader
+
+    def _epoch_length(self) -> float:
+        trainer = getattr(self, "trainer", None)
+        return getattr(trainer, "num_training_batches", math.inf) if trainer is not None else math.inf
+
+    def state_dict(self) -> dict[str, Any]:
+        return {} if self._train_loader is None else {"train_loader": self._train_loader.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._train_state = state_dict.get("train_loader")
+
+
 def tensor_loader(
     x: Tensor, y: Tensor, batch_size: int, shuffle: bool, drop_last: bool = False
-) -> DataLoader:
-    """A DataLoader over in-memory tensors (no workers: indexing a tensor is cheaper than a worker hop)."""
-    return DataLoader(
-        BatchIndexedTensors(x, y),
-        batch_size=batch_size,
-        shuffle=shuffle,
-        drop_last=drop_last,
-        collate_fn=_as_is,
+) -> ResumableDataLoader:
+    """A resumable DataLoader over in-memory tensors (no workers: indexing a tensor is cheaper than a worker
+    hop)."""
+    return resumable_loader(
+        BatchIndexedTensors(x, y), batch_size, shuffle, drop_last=drop_last, collate_fn=_as_is
     )

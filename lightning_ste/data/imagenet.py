@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from lightning_ste.data.common import resolve_root, subset_indices
+from lightning_ste.data.common import ResumableTrainData, resolve_root, resumable_loader, subset_indices
 
 __all__ = ["ImageNetDataModule"]
 
@@ -20,7 +20,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "<root>/train/<class>/<image>.JPEG and <root>/val/<class>/<image>.JPEG (torchvision ImageFolder)"
 
 
-class ImageNetDataModule(pl.LightningDataModule):
+class ImageNetDataModule(ResumableTrainData, pl.LightningDataModule):
     """ImageNet (ILSVRC-2012) train/val as ImageFolders; RandomResizedCrop+flip for training, resize+center crop.
 
     ``root`` holds ``train/`` and ``val/`` with one folder per class (val must be sorted into class folders);
@@ -79,8 +79,16 @@ class ImageNetDataModule(pl.LightningDataModule):
             ]
         )
         if stage in (None, "fit"):
-            self.train_data = self._subset(ImageFolder(str(self.root / "train"), train_tf), hp.subset)
-        self.val_data = self._subset(ImageFolder(str(self.root / "val"), val_tf), hp.val_subset)
+            self.train_data = self._subset(self._folder("train", train_tf), hp.subset)
+        self.val_data = self._subset(self._folder("val", val_tf), hp.val_subset)
+
+    def _folder(self, split: str, transform: Any) -> ImageFolder:
+        try:
+            return ImageFolder(str(self.root / split), transform)
+        except FileNotFoundError as err:  # no class folders, or class folders without images
+            raise FileNotFoundError(
+                f"ImageNet {split}/ under {str(self.root)!r} is not laid out as expected ({err}): expected {LAYOUT}"
+            ) from err
 
     def _subset(self, data: ImageFolder, size: int | None) -> Dataset:
         idx = subset_indices(len(data), size, self.hparams.seed)
@@ -89,10 +97,10 @@ class ImageNetDataModule(pl.LightningDataModule):
     def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         hp = self.hparams
         workers = hp.num_workers
-        return DataLoader(
+        return resumable_loader(
             data,
-            batch_size=batch_size,
-            shuffle=shuffle,
+            batch_size,
+            shuffle,
             num_workers=workers,
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and workers > 0,
@@ -112,7 +120,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         return (x, *rest)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_data, self.hparams.batch_size, shuffle=True)
+        return self._resumable(self._loader(self.train_data, self.hparams.batch_size, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_data, self.hparams.val_batch_size, shuffle=False)

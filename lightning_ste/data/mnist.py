@@ -7,14 +7,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 from torchvision.datasets import MNIST
 
-from lightning_ste.data.common import resolve_root, subset_indices, tensor_loader
+from lightning_ste.data.common import ResumableTrainData, resolve_root, subset_indices, tensor_loader
 
 __all__ = ["MNISTDataModule"]
 
 MEAN, STD = 0.1307, 0.3081
 
 
-class MNISTDataModule(pl.LightningDataModule):
+class MNISTDataModule(ResumableTrainData, pl.LightningDataModule):
     """MNIST train (60k) and test (10k, used for validation as in the papers), normalized, in memory.
 
     ``root`` holds ``MNIST/raw`` (torchvision layout; downloaded there when missing and ``download=True``);
@@ -43,7 +43,13 @@ class MNISTDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         for train in (True, False):
-            MNIST(str(self.root), train=train, download=self.hparams.download)
+            try:
+                MNIST(str(self.root), train=train, download=self.hparams.download)
+            except RuntimeError as err:  # torchvision: "Dataset not found. You can use download=True ..."
+                raise FileNotFoundError(
+                    f"MNIST not found under {str(self.root)!r} (expected {self.root / 'MNIST' / 'raw'}): pass "
+                    "--data.root FOLDER (the folder holding MNIST/raw) or --data.download true"
+                ) from err
 
     def _load(self, train: bool, size: int | None) -> tuple[Tensor, Tensor]:
         ds = MNIST(str(self.root), train=train, download=False)
@@ -61,7 +67,7 @@ class MNISTDataModule(pl.LightningDataModule):
         self.val_data = self._load(False, self.hparams.val_subset)
 
     def train_dataloader(self) -> DataLoader:
-        return tensor_loader(*self.train_data, self.hparams.batch_size, shuffle=True)
+        return self._resumable(tensor_loader(*self.train_data, self.hparams.batch_size, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return tensor_loader(*self.val_data, self.hparams.val_batch_size, shuffle=False)

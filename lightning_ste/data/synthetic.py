@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_ste.data.common import tensor_loader
+from lightning_ste.data.common import ResumableTrainData, tensor_loader
 
 __all__ = [
     "OrthogonalSubspacesDataModule",
@@ -40,7 +40,7 @@ def teacher_student(
     return z, (z @ w_star > 0).to(v_star.dtype) @ v_star
 
 
-class OrthogonalSubspacesDataModule(pl.LightningDataModule):
+class OrthogonalSubspacesDataModule(ResumableTrainData, pl.LightningDataModule):
     """K classes in mutually orthogonal d-dim subspaces of R^(K*d), Gaussian inside each (LYX21, SPEC §4).
 
     Validation uses a second sample of the same law, or with ``val_on_train=True`` the training sample itself,
@@ -81,7 +81,7 @@ class OrthogonalSubspacesDataModule(pl.LightningDataModule):
         self.val_data = self.train_data if hp.val_on_train else held_out
 
     def train_dataloader(self) -> DataLoader:
-        return tensor_loader(*self.train_data, self.hparams.batch_size, shuffle=True)
+        return self._resumable(tensor_loader(*self.train_data, self.hparams.batch_size, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return tensor_loader(*self.val_data, 1000, shuffle=False)
@@ -93,7 +93,7 @@ class OrthogonalSubspacesDataModule(pl.LightningDataModule):
         return self.val_dataloader()
 
 
-class TeacherStudentDataModule(pl.LightningDataModule):
+class TeacherStudentDataModule(ResumableTrainData, pl.LightningDataModule):
     """Gaussian ``Z`` (m x n) with teacher labels ``v*^T 1{Z w* > 0}``, ``|w*| = 1`` (YLZ19 §3.1)."""
 
     def __init__(
@@ -120,7 +120,7 @@ class TeacherStudentDataModule(pl.LightningDataModule):
         self.val_data = teacher_student(self.w_star, self.v_star, self.hparams.n_val, g)
 
     def train_dataloader(self) -> DataLoader:
-        return tensor_loader(*self.train_data, self.hparams.batch_size, shuffle=True)
+        return self._resumable(tensor_loader(*self.train_data, self.hparams.batch_size, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return tensor_loader(*self.val_data, 10000, shuffle=False)

@@ -1,0 +1,129 @@
+"""Preemption of a real ``lightning-ste fit`` run: SIGKILL mid-epoch, then ``--ckpt_path last.ckpt``, ends
+bit-identical to an uninterrupted run (weights and metrics), with no "not resumable" warning; SIGTERM saves a
+checkpoint at the step it arrives and the run resumed from it is bit-identical too."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_ste.cli import EXIT_SIGTERM, run_cli
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "recipes" / "synthetic" / "orthogonal_subspaces.yaml")
+STEPS_PER_EPOCH = 20  # n_train 400 / batch 20; 2 epochs = 40 steps
+KILL_STEP = 31  # epoch 1, batch 11: after the step-28 checkpoint, before step 35's
+
+
+def fit_args(ckpt_dir: Path) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        RECIPE,
+        "--trainer.logger",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.deterministic",
+        "true",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.max_epochs",
+        "2",
+        "--data.n_train",
+        "400",
+        "--data.n_val",
+        "100",
+        "--data.batch_size",
+        "20",
+        "--model.arch_kwargs.hidden",
+        "32",
+        "--checkpoint.dirpath",
+        str(ckpt_dir),
+        "--checkpoint.monitor",
+        "null",
+        "--checkpoint.every_n_train_steps",
+        "7",
+        "--checkpoint.save_top_k",
+        "0",
+    ]
+
+
+def fit_in_process(args: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float], list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli(args)
+    state = {k: v.detach().clone() if torch.is_tensor(v) else v for k, v in cli.model.state_dict().items()}
+    assert cli.trainer.global_step == 2 * STEPS_PER_EPOCH
+    return state, dict(cli.final_metrics), [str(w.message) for w in caught]
+
+
+def run_until_signal(args: list[str], signum: int, tmp_path: Path) -> subprocess.CompletedProcess:
+    callback = {
+        "class_path": "preempt_callbacks.SignalAt",
+        "init_args": {"step": KILL_STEP, "signum": signum},
+    }
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    return subprocess.run(
+        [sys.executable, "-m", "lightning_ste.cli", *args, f"--trainer.callbacks+={json.dumps(callback)}"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    state, metrics, _ = fit_in_process(fit_args(tmp_path_factory.mktemp("full")))
+    return state, metrics
+
+
+def assert_same_run(resumed: tuple[dict, dict], reference: tuple[dict, dict]) -> None:
+    (state, metrics), (ref_state, ref_metrics) = resumed, reference
+    assert state.keys() == ref_state.keys()
+    differing = [
+        k
+        for k, v in ref_state.items()
+        if not (torch.equal(state[k], v) if torch.is_tensor(v) else state[k] == v)
+    ]
+    assert not differing, f"not bit-identical after resume: {differing}"
+    assert metrics == ref_metrics and {"val/acc", "val/loss"} <= metrics.keys()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
+def test_preempted_cli_run_resumes_bit_identically(
+    signum: int, tmp_path: Path, uninterrupted: tuple[dict, dict]
+) -> None:
+    ckpt_dir = tmp_path / "ckpt"
+    proc = run_until_signal(fit_args(ckpt_dir), signum, tmp_path)
+    last = ckpt_dir / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    if signum == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert saved["global_step"] == 28  # the last every-7-steps checkpoint before the kill
+    else:
+        # SIGTERM: the state at the end of the step it arrived in is saved, then the command exits 143.
+        assert proc.returncode == EXIT_SIGTERM, proc.stderr[-2000:]
+        assert saved["global_step"] == KILL_STEP
+        assert f"--ckpt_path {last}" in proc.stderr
+    assert 0 < saved["global_step"] % STEPS_PER_EPOCH  # mid-epoch
+    assert (
+        saved["OrthogonalSubspacesDataModule"]["train_loader"]["served"]
+        == saved["global_step"] % STEPS_PER_EPOCH
+    )
+
+    state, metrics, messages = fit_in_process([*fit_args(ckpt_dir), "--ckpt_path", str(last)])
+    assert not [m for m in messages if "not resumable" in m], messages
+    assert_same_run((state, metrics), uninterrupted)
