@@ -6,6 +6,7 @@ Pure functions: no module state, no Lightning. The only package import is the ST
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import cache
 
 import torch
@@ -234,7 +235,10 @@ class _QuantizedReLU(torch.autograd.Function):
                 total = (grad_y.float() * y.float()).sum() / a
             else:
                 inside_w, above_w = _alpha_grad_weights(ctx.alpha_grad, ctx.bits)
-                total = (sums[1] * above_w + sums[0] * inside_w).float()
+                total = sums[1] * above_w
+                if inside_w:  # "pact" ignores the inside region: even a non-finite sum there
+                    total = total + sums[0] * inside_w
+                total = total.float()
             grad_alpha = (total * ctx.alpha_lr_scale).clamp(-1.0, 1.0).to(alpha.dtype)
         return grad_x, grad_alpha, None, None, None, None, None
 
@@ -395,6 +399,19 @@ def one_pass_binary_weight(w: Tensor, out: Tensor | None = None) -> tuple[Tensor
     over W instead of four; no autograd."""
     scale = _kernels.abs_mean(w)
     return _kernels.sign_scale(w, scale, out), scale
+
+
+def binary_weight_multi(ws: Sequence[Tensor]) -> list[Tensor]:
+    """``sign(W) * ||W||_1 / n`` (binary q(W) with the mean-|W| scale, BCGD19) for every ``W`` of ``ws``, no
+    autograd: the scales in two multi-tensor (foreach) ops and the signs in one, however many tensors, then one
+    multiply per tensor. The device path of binary per-tensor weights, one tensor or many: the same values."""
+    ws = list(ws)
+    with torch.no_grad():
+        scales = torch._foreach_norm(ws, 1)
+        torch._foreach_div_(scales, [float(max(w.numel(), 1)) for w in ws])
+        qs = torch._foreach_sign(ws)
+        torch._foreach_mul_(qs, scales)
+    return qs
 
 
 def straight_through(w: Tensor, q: Tensor) -> Tensor:

@@ -39,7 +39,7 @@ def _fl(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _step(alpha: float | Tensor, dtype: torch.dtype) -> Tensor:
     """a = max(alpha, 1e-3) in ``dtype`` (NaN stays NaN), as a float64 0-dim tensor."""
-    a = _fl(torch.as_tensor(alpha, dtype=torch.float64), dtype)
+    a = _fl(torch.as_tensor(alpha).to(torch.float64), dtype)  # a Python float is a float32 parameter
     floor = _fl(torch.tensor(FLOOR, dtype=torch.float64), dtype)
     return torch.where(a < floor, floor, a)
 
@@ -149,13 +149,15 @@ def assert_same_bits(got: Tensor, expected: Tensor, signed_zero: bool = True, wh
         )
 
 
-def assert_close_alpha(got: Tensor, terms: Tensor, alpha_lr_scale: float, rtol: float = 2e-5) -> None:
+def assert_close_alpha(
+    got: Tensor, terms: Tensor, alpha_lr_scale: float, rtol: float = 2e-5, what: str = ""
+) -> None:
     """``got`` (an alpha gradient) equals clamp(scale * sum(terms), -1, 1) up to float32 summation error."""
     total = terms.sum() * alpha_lr_scale
     expected = torch.where(total.abs() > 1, total.sign(), total)
     value = float(got)
     if torch.isnan(expected):
-        assert value != value, f"alpha gradient {value} where the reference is NaN"
+        assert value != value, f"{what}: alpha gradient {value} where the reference is NaN"
         return
     tol = rtol * float(terms.abs().sum()) * alpha_lr_scale + 1e-12
-    assert abs(value - float(expected)) <= tol, (value, float(expected), tol)
+    assert abs(value - float(expected)) <= tol, f"{what}: {value} vs {float(expected)} (tolerance {tol:.3g})"

@@ -1,9 +1,10 @@
-"""The fused CPU kernels of lightning_ste._kernels against the eager path of quantized_relu.
+"""The backends of quantized_relu: the eager torch formula and the fused CPU kernels of lightning_ste._kernels.
 
-The eager path (the formula of SPEC §1 in torch operations) is what runs on GPUs and under torch.compile;
-it is checked against a float64 reference in test_functional.py. Here the fast path must agree with it:
-values bit for bit, gradients to summation order, on level boundaries, NaN/inf, empty, non-contiguous,
-channels_last and half-precision inputs.
+Both are checked against the float64 oracle of tests/reference.py (bit for bit for values and grad_x, to
+summation order for the alpha gradient), so the eager formula is checked even where the CPU kernels cannot
+build. Where they build, the fast path must also agree with the eager one on level boundaries, NaN/inf,
+empty, non-contiguous, channels_last and half-precision inputs. The dispatch point
+(LIGHTNING_STE_KERNELS) is tested here too; the Triton kernels in test_triton.py.
 """
 
 from __future__ import annotations
@@ -12,15 +13,20 @@ import copy
 import itertools
 
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
 
 from lightning_ste import _kernels
 from lightning_ste import functional as F_ste
+from lightning_ste import ste as ste_registry
 from lightning_ste.functional import ALPHA_GRADS, ROUNDINGS, quantize_weight, quantized_relu
+from lightning_ste.kernels import backend
 from lightning_ste.modules import WeightQuantizer
 
-pytestmark = pytest.mark.skipif(not _kernels.available(), reason="fused CPU kernels could not be built here")
+needs_kernels = pytest.mark.skipif(
+    not _kernels.available(), reason="fused CPU kernels could not be built here"
+)
 
 REGION_STES = ("identity", "relu", "clipped_relu")
 
@@ -73,6 +79,7 @@ def _boundary_input(alpha: float, bits: int, n: int = 5000, seed: int = 0) -> to
     return x[torch.randperm(x.numel(), generator=gen)]
 
 
+@needs_kernels
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
 @pytest.mark.parametrize("rounding", ROUNDINGS)
 def test_fast_path_matches_eager_all_settings(bits: int, rounding: str) -> None:
@@ -85,6 +92,7 @@ def test_fast_path_matches_eager_all_settings(bits: int, rounding: str) -> None:
         _assert_same(fast, eager)
 
 
+@needs_kernels
 def test_fast_path_is_taken_and_saves_two_bits_per_element() -> None:
     x = torch.randn(64, 1000)
     fast = _run(x, 0.2, 4, "clipped_relu", "mean", "ceil", True)
@@ -97,6 +105,7 @@ def test_fast_path_is_taken_and_saves_two_bits_per_element() -> None:
     assert all(t.dim() == 0 for t in fast[3] if t.dtype != torch.uint8)
 
 
+@needs_kernels
 def test_packed_code_matches_torch_reference() -> None:
     for n in (0, 1, 7, 8, 9, 63, 64, 65, 1000, 4099):
         x = torch.randn(n) * 2
@@ -105,6 +114,7 @@ def test_packed_code_matches_torch_reference() -> None:
         assert torch.equal(code, _kernels.code_planes(x, a * 15)), n
 
 
+@needs_kernels
 def test_nan_inf_and_signed_zero() -> None:
     x = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 0.3, 1e30, -1e30] * 5)
     g = torch.tensor([1.0, 2.0, 3.0, float("nan"), 5.0, 6.0, float("inf"), 8.0] * 5)
@@ -115,6 +125,7 @@ def test_nan_inf_and_signed_zero() -> None:
         assert y[0].isnan() and y[1] == float("inf") and y[2] == -float("inf")
 
 
+@needs_kernels
 def test_empty_and_zero_dim_inputs() -> None:
     for x in (torch.empty(0, 3), torch.tensor(0.7), torch.tensor(-0.1)):
         _assert_same(
@@ -123,6 +134,7 @@ def test_empty_and_zero_dim_inputs() -> None:
         )
 
 
+@needs_kernels
 def test_non_contiguous_and_channels_last_inputs_and_grads() -> None:
     gen = torch.Generator().manual_seed(3)
     base = torch.randn(6, 8, 10, 12, generator=gen)
@@ -143,6 +155,7 @@ def test_non_contiguous_and_channels_last_inputs_and_grads() -> None:
             assert fast[1].shape == x.shape, name
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_other_dtypes(dtype: torch.dtype) -> None:
     x = (_boundary_input(0.1946, 4, n=3000) * 1.1).to(dtype)
@@ -154,6 +167,7 @@ def test_other_dtypes(dtype: torch.dtype) -> None:
         _assert_same(fast, eager)
 
 
+@needs_kernels
 def test_bf16_autocast_on_cpu_matches_eager() -> None:
     x = torch.randn(4, 16, 9, 9)
     conv = torch.nn.Conv2d(16, 16, 3, padding=1)
@@ -175,6 +189,7 @@ def test_bf16_autocast_on_cpu_matches_eager() -> None:
     torch.testing.assert_close(outs[0][2], outs[1][2], rtol=1e-4, atol=1e-6)
 
 
+@needs_kernels
 def test_large_input_threads_and_alpha_sum() -> None:
     # Large enough to be split over threads; the alpha gradient sums over all of them.
     x = torch.randn(3, 64, 57, 61) * 2
@@ -184,14 +199,16 @@ def test_large_input_threads_and_alpha_sum() -> None:
 
 
 def test_log_tailed_and_registered_proxies_keep_eager_path() -> None:
-    x = torch.randn(100, requires_grad=True)
-    y = quantized_relu(x, torch.tensor(0.2), 4, ste="log_tailed_relu")
-    y.sum().backward()
-    top = 15 * F_ste.ALPHA_FLOOR if False else 15 * 0.2
-    expected = torch.where(x > top, 1.0 / (x - top + 1.0).clamp_min(1.0), (x > 0).float())
-    torch.testing.assert_close(x.grad, expected.detach())
+    """An input-dependent proxy has no CPU kernel: auto runs it eagerly, and its gradient is the oracle's."""
+    x = torch.cat([torch.randn(100) * 3, torch.tensor([3.0, 2.9999998, 3.0000002, 0.0, 1e30])])
+    assert backend.backend_for(x, "log_tailed_relu") == "eager"
+    xi = x.clone().requires_grad_(True)
+    g = torch.randn(x.shape)
+    quantized_relu(xi, torch.tensor(0.2), 4, ste="log_tailed_relu").backward(g)
+    ref.assert_same_bits(xi.grad, ref.grad_x(x, g, 0.2, 4, "log_tailed_relu"), what="log-tailed grad_x")
 
 
+@needs_kernels
 def test_torch_compile_inductor_matches_uncompiled() -> None:
     x = torch.randn(4, 300) * 2
     g = torch.randn(4, 300)
@@ -211,6 +228,7 @@ def test_torch_compile_inductor_matches_uncompiled() -> None:
     torch.testing.assert_close(results[0][2], results[1][2])
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_binary_weight_kernels_match_eager(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(7)
@@ -233,6 +251,7 @@ def test_binary_weight_kernels_match_eager(dtype: torch.dtype) -> None:
         assert torch.equal(got.nan_to_num(), expected.nan_to_num())
 
 
+@needs_kernels
 def test_binary_weight_gradient_still_straight_through() -> None:
     w = torch.randn(16, 8, 3, 3, requires_grad=True)
     g = torch.randn(16, 8, 3, 3)
@@ -243,6 +262,7 @@ def test_binary_weight_gradient_still_straight_through() -> None:
     torch.testing.assert_close(F_ste.quantize_weight(wt, 1), torch.sign(wt) * wt.abs().mean())
 
 
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_binary_blend_matches_eager_formula(dtype: torch.dtype) -> None:
     gen = torch.Generator().manual_seed(11)
@@ -256,6 +276,7 @@ def test_binary_blend_matches_eager_formula(dtype: torch.dtype) -> None:
         assert torch.equal(got, expected)
 
 
+@needs_kernels
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_jit_trace_records_the_torch_formula() -> None:
     # A traced graph must not hold the opaque C++ op (ONNX and TorchScript could not run it elsewhere).
@@ -268,6 +289,7 @@ def test_jit_trace_records_the_torch_formula() -> None:
     assert torch.equal(traced(x), f(x))
 
 
+@needs_kernels
 def test_torch_compile_calls_the_kernels_forward_and_backward() -> None:
     from functorch.compile import make_boxed_func
     from torch._functorch.aot_autograd import aot_module_simplified
@@ -296,6 +318,7 @@ def test_torch_compile_calls_the_kernels_forward_and_backward() -> None:
     torch.testing.assert_close(a.grad, fast[2])
 
 
+@needs_kernels
 @pytest.mark.parametrize("bits", [1, 2, 4])
 def test_weight_quantizer_reuses_q_storage_only_when_free(bits: int) -> None:
     """q(W) is written into last step's storage only once nothing holds it: a pending graph or a caller's
@@ -334,3 +357,90 @@ def test_weight_quantizer_accepts_inference_tensors() -> None:
     with torch.inference_mode():
         w = torch.randn(8, 4)
         torch.testing.assert_close(WeightQuantizer(1)(w), torch.sign(w) * w.abs().mean())
+
+
+# ------------------------------------------------------------------ every CPU backend against the oracle
+
+ORACLE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _oracle_input(alpha: float, bits: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Random values, each level exactly and one float32 step either side, signed zeros, NaN, +-inf."""
+    x = _boundary_input(alpha, bits, n=300, seed=seed)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 1e-39, 3e38, -3e38])
+    return torch.cat([x, special]).to(dtype)
+
+
+@pytest.mark.parametrize("name", ["eager", pytest.param("cpu", marks=needs_kernels)])
+def test_backend_matches_the_float64_oracle(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """y and grad_x bit for bit, grad_alpha to float32 summation, on bits 1..8, both roundings, every
+    region STE and alpha_grad, four dtypes; runs for the eager formula even without the CPU kernels."""
+    monkeypatch.setenv("LIGHTNING_STE_KERNELS", name)
+    cases = list(itertools.product(range(1, 9), ROUNDINGS, ORACLE_DTYPES))
+    for i, (bits, rounding, dtype) in enumerate(cases):
+        alpha = (0.75, 0.6511, 0.33, 0.1946, 0.1, 0.05, 0.0237, 0.0125)[bits - 1]
+        x = _oracle_input(alpha, bits, dtype, seed=i)
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(i)).to(dtype)
+        if i % 3 == 0:
+            g[:2] = torch.tensor([float("nan"), float("inf")])
+        ste = REGION_STES[i % 3]
+        alpha_grad = ALPHA_GRADS[(i // 3) % 4]
+        assert backend.backend_for(x, ste) == name
+        xi = x.clone().requires_grad_(True)
+        a = torch.tensor(alpha, requires_grad=True)
+        y = quantized_relu(
+            xi, a, bits, ste=ste, alpha_grad=alpha_grad, alpha_lr_scale=0.01, rounding=rounding
+        )
+        y.backward(g)
+        what = f"{name} bits={bits} {rounding} {dtype} {ste} {alpha_grad}"
+        ref.assert_same_bits(y.detach(), ref.forward(x, alpha, bits, rounding), what="y " + what)
+        ref.assert_same_bits(xi.grad, ref.grad_x(x, g, alpha, bits, ste), what="grad_x " + what)
+        terms = ref.alpha_terms(x, g, alpha, bits, alpha_grad, rounding)
+        ref.assert_close_alpha(a.grad, terms, 0.01, what="grad_alpha " + what)
+
+
+def test_eager_region_code_matches_the_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-byte code the eager formula saves (what its alpha gradient and mask read), on the boundaries."""
+    monkeypatch.setenv("LIGHTNING_STE_KERNELS", "eager")
+    for bits, dtype in itertools.product((1, 4, 8), ORACLE_DTYPES):
+        x = _oracle_input(0.1946, bits, dtype, seed=bits)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, s=saved: s.append(t) or t, lambda t: t):
+            quantized_relu(x.clone().requires_grad_(True), torch.tensor(0.1946, requires_grad=True), bits)
+        codes = [t for t in saved if t.dtype == torch.uint8]
+        assert len(codes) == 1 and torch.equal(codes[0], ref.region(x, 0.1946, bits)), (bits, dtype)
+
+
+def test_dispatch_setting_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    x = torch.randn(16)
+    for value, expected in (
+        ("0", "eager"),
+        ("eager", "eager"),
+        (" Eager ", "eager"),
+        ("1", "auto"),
+        ("auto", "auto"),
+    ):
+        monkeypatch.setenv("LIGHTNING_STE_KERNELS", value)
+        assert backend.setting() == expected
+    monkeypatch.setenv("LIGHTNING_STE_KERNELS", "eager")
+    assert backend.backend_for(x) == "eager"
+    monkeypatch.setenv("LIGHTNING_STE_KERNELS", "auto")
+    # auto on a CPU tensor: the CPU kernels where built, never the Triton interpreter
+    assert backend.backend_for(x) == ("cpu" if _kernels.available() else "eager")
+    assert backend.backend_for(torch.empty(3, device="meta")) == "eager"
+    monkeypatch.setenv("LIGHTNING_STE_KERNELS", "gpu")
+    with pytest.raises(ValueError, match="LIGHTNING_STE_KERNELS='gpu'; allowed: auto, eager, cpu, triton"):
+        quantized_relu(x, torch.tensor(0.2), 4)
+
+
+def test_named_cpu_backend_raises_instead_of_falling_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LIGHTNING_STE_KERNELS", "cpu")
+    with pytest.raises(RuntimeError, match="CPU kernels run on CPU tensors"):
+        backend.backend_for(torch.empty(3, device="meta"))
+    with pytest.raises(RuntimeError, match="region-constant STEs"):
+        quantized_relu(torch.randn(4), torch.tensor(0.2), 4, ste="log_tailed_relu")
+    # the kernels not built (or failed to build): a clear error, not the eager path
+    monkeypatch.setitem(_kernels._state, "ok", False)
+    with pytest.raises(RuntimeError, match="could not be built"):
+        quantized_relu(torch.randn(4), torch.tensor(0.2), 4)
+    assert ste_registry.get("clipped_relu").regions == (0.0, 1.0, 0.0)
