@@ -207,10 +207,15 @@ class RhoSchedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Only the (rate, max) recurrence depends on the past; a constant ρ comes from the constructor, so a
-        # run resumed with another `rho` uses it.
-        self.epoch = int(state.get("epoch", -1))
+        # run resumed with another `rho` uses it. Strict: a state without both keys, or with others, fails.
+        if not isinstance(state, dict) or set(state) != {"rho", "epoch"}:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"the rho schedule state must have exactly the keys ['epoch', 'rho'], got {keys}"
+            )
+        self.epoch = int(state["epoch"])
         if self.rate is not None:
-            self.rho = check_rho(state.get("rho", self.initial))
+            self.rho = check_rho(state["rho"])
 
     def __repr__(self) -> str:
         if self.fn is not None:

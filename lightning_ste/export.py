@@ -306,6 +306,19 @@ def load_packed(path: str | os.PathLike, map_location: str | torch.device = "cpu
     if obj.get("version") != PACKED_VERSION:
         raise ValueError(f"{path}: unsupported packed format version {obj.get('version')!r}")
     module: nn.Module = obj["module"]
+    # Strict: every packed blob fills a parameter, and every emptied quantized weight gets its blob back.
+    params = dict(module.named_parameters(remove_duplicate=False))
+    unexpected = [name for name in obj["packed"] if name not in params]
+    restored = {id(params[name]) for name in obj["packed"] if name in params}
+    missing = [
+        name
+        for name in getattr(module, _FROZEN_ATTR, {})
+        if name in params and params[name].numel() == 0 and id(params[name]) not in restored
+    ]
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: packed weights missing for {missing}; packed weights for no parameter {unexpected}"
+        )
     with torch.no_grad():
         for pname, blob in obj["packed"].items():
             count = 1

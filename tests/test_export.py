@@ -262,6 +262,23 @@ def test_bad_inputs():
         save_packed(3, "x.ltq")
 
 
+def test_load_packed_is_strict_a_missing_and_an_unexpected_blob_fail(tmp_path):
+    pl.seed_everything(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    quantize_weights_(model, bits=1)
+    save_packed(model, tmp_path / "m.ltq")
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        assert torch.equal(load_packed(tmp_path / "m.ltq")(x), model(x))  # the untouched file loads
+    blob = torch.load(tmp_path / "m.ltq", weights_only=False)
+    blob["packed"]["9.weight"] = blob["packed"].pop("2.weight")
+    torch.save(blob, tmp_path / "bad.ltq")
+    with pytest.raises(
+        ValueError, match=r"missing for \['2\.weight'\]; packed weights for no parameter \['9\.weight'\]"
+    ):
+        load_packed(tmp_path / "bad.ltq")
+
+
 def test_load_packed_refuses_other_files(tmp_path):
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a lightning_ste packed model"):

@@ -46,6 +46,28 @@ def test_networks_output_class_scores(arch: str, shape: tuple[int, ...]) -> None
         assert relus and calls == {id(m): 1 for m in relus}
 
 
+def test_imagenet_resnet18_loads_torchvision_weights_strictly(tmp_path: Path, monkeypatch) -> None:
+    """Cached torchvision weights load exactly (a new head aside); a foreign or missing key fails."""
+    import torchvision
+
+    from lightning_ste.models.imagenet import resnet18
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    member = torchvision.models.get_weight("ResNet18_Weights.IMAGENET1K_V1")
+    path = tmp_path / "hub" / "checkpoints" / Path(member.url).name
+    path.parent.mkdir(parents=True)
+    state = torchvision.models.resnet18().state_dict()
+    torch.save(state, path)
+    net = resnet18(num_classes=10, weights="IMAGENET1K_V1")
+    assert torch.equal(net.conv1.weight, state["conv1.weight"]) and net.fc.out_features == 10
+    torch.save({**state, "extra.weight": torch.zeros(1)}, path)
+    with pytest.raises(ValueError, match=r"unexpected keys \['extra\.weight'\]"):
+        resnet18(num_classes=10, weights="IMAGENET1K_V1")
+    torch.save({k: v for k, v in state.items() if k != "layer1.0.bn1.bias"}, path)
+    with pytest.raises(ValueError, match=r"missing keys \['layer1\.0\.bn1\.bias'\]"):
+        resnet18(num_classes=10, weights="IMAGENET1K_V1")
+
+
 def test_lenet5_has_affine_free_batchnorm_before_each_relu() -> None:
     net = LeNet5()
     children = list(net.named_children())

@@ -244,6 +244,29 @@ def test_resume_mid_epoch_with_fresh_objects_is_bit_identical(mnist_root, tmp_pa
     assert not torch.equal(half["state_dict"][key], got["state_dict"][key])
 
 
+def test_restores_are_strict_a_missing_and_an_unexpected_key_fail(mnist_root, tmp_path, uninterrupted):
+    """load_from_checkpoint and ckpt_path refuse a state_dict with one key gone and one foreign key; the
+    rho schedule's callback state refuses a missing and an unexpected key too."""
+    ckpt = torch.load(uninterrupted["step4"], weights_only=False)
+    state = ckpt["state_dict"]
+    state["fc.extra"] = state.pop("fc.bias")
+    torch.save(ckpt, tmp_path / "bad.ckpt")
+    both = r"(?s)Missing key\(s\) in state_dict: .fc\.bias.*Unexpected key\(s\) in state_dict: .fc\.extra"
+    with pytest.raises(RuntimeError, match=both):
+        lightning_ste.load_from_checkpoint(TinyNet, tmp_path / "bad.ckpt")
+    model = TinyNet()
+    trainer = make_trainer(tmp_path, quant_callbacks(), max_steps=8)
+    with pytest.raises(RuntimeError, match=both):
+        quiet_fit(trainer, model, train_loader(mnist_root), ckpt_path=tmp_path / "bad.ckpt")
+
+    ckpt = torch.load(uninterrupted["step4"], weights_only=False)
+    ckpt["callbacks"]["BlendedQuantWeights"] = {"rho": 0.04, "epochs": 1}
+    torch.save(ckpt, tmp_path / "bad_callback.ckpt")
+    trainer = make_trainer(tmp_path, quant_callbacks(), max_steps=8)
+    with pytest.raises(ValueError, match=r"exactly the keys \['epoch', 'rho'\], got \['epochs', 'rho'\]"):
+        quiet_fit(trainer, TinyNet(), train_loader(mnist_root), ckpt_path=tmp_path / "bad_callback.ckpt")
+
+
 class CrashAt(pl.Callback):
     """Raises from ``on_train_batch_end`` once ``global_step`` reaches ``step``."""
 

@@ -48,5 +48,13 @@ def resnet18(
         return model
     if num_classes != 1000:
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    model.load_state_dict(state, strict=num_classes == 1000)
+    # Strict but for the classifier a different num_classes replaces: any other missing or unexpected key fails.
+    result = model.load_state_dict(state, strict=False)
+    head = {"fc.weight", "fc.bias"} if num_classes != 1000 else set()
+    missing = [k for k in result.missing_keys if k not in head]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"torchvision ResNet18_Weights.{weights} does not fit the network: missing keys {missing}, "
+            f"unexpected keys {result.unexpected_keys}"
+        )
     return model
