@@ -275,6 +275,9 @@ def quantized_relu(
     0-dim tensor, clamped to ``[1e-3, inf)``. Backward to ``x`` multiplies by the proxy derivative of the
     STE ``ste`` (see :mod:`lightning_ste.ste`); backward to ``alpha`` is
     ``clamp(alpha_lr_scale * sum(grad * d~sigma/d alpha), -1, 1)`` with the ``alpha_grad`` proxy.
+
+    Runs on the backend :func:`lightning_ste.kernels.backend_for` picks (``LIGHTNING_STE_KERNELS``): the
+    fused CPU kernels, the fused Triton kernels on CUDA, or the eager torch formula; all give the same values.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
         dtype = x.dtype if isinstance(x, Tensor) else type(x).__name__
