@@ -244,6 +244,11 @@ def _is_user_error(exc: BaseException) -> bool:
     )
 
 
+def _first_user_error(exc: BaseException) -> BaseException | None:
+    """The outermost user error in ``exc``'s chain (jsonargparse wraps the class's own error, for one)."""
+    return next((e for e in _chain(exc) if _is_user_error(e)), None)
+
+
 def _constructed_class(exc: BaseException) -> str | None:
     """The class whose ``__init__`` raised ``exc`` (the outermost such frame of its traceback)."""
     tb = exc.__traceback__
@@ -380,8 +385,8 @@ class LightningSTECLI(LightningCLI):
         try:
             super().instantiate_classes()
         except Exception as err:  # jsonargparse wraps the class's own error in "Does not validate ..."
-            root = _chain(err)[-1]
-            if not _is_user_error(root) or isinstance(root, RecipeError):
+            root = _first_user_error(err)
+            if root is None or isinstance(root, RecipeError):
                 raise
             setting = _setting_of(root, self._sub_config())
             raise RecipeError(f"{setting + ': ' if setting else ''}{root}") from err
@@ -411,8 +416,8 @@ class LightningSTECLI(LightningCLI):
         except SIGTERMException:
             raise
         except Exception as err:
-            root = _chain(err)[-1]
-            if not _is_user_error(root) or isinstance(err, RecipeError):
+            root = _first_user_error(err)
+            if root is None or isinstance(root, RecipeError):
                 raise
             raise RecipeError(str(root)) from err
         finally:
@@ -515,13 +520,10 @@ def main(args: Sequence[str] | None = None) -> None:
     except Exception as err:
         if debug:
             raise
-        root = _chain(err)[-1]
-        if isinstance(err, RecipeError):
-            print(_one_screen(err), file=sys.stderr)
-        elif _is_user_error(root):
-            print(_one_screen(root), file=sys.stderr)
-        else:
+        shown = _first_user_error(err)
+        if shown is None:
             raise
+        print(_one_screen(shown), file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
 
 
