@@ -199,6 +199,26 @@ def test_alpha_below_the_floor_and_nan_alpha(monkeypatch: pytest.MonkeyPatch) ->
             ref.assert_close_alpha(a.grad.cpu(), ref.alpha_terms(x, g, alpha, 4, alpha_grad), 0.01)
 
 
+def test_sliced_empty_and_zero_dim_inputs_and_expanded_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A non-dense input (made contiguous first), an expanded (stride-0) gradient, 0 elements and 0 dims."""
+    base = torch.randn(6, 8, 10, generator=torch.Generator().manual_seed(4)) * 2
+    inputs = [
+        base[:, ::2, 1:],
+        base.transpose(0, 2),
+        torch.empty(0, 3),
+        torch.tensor(0.7),
+        torch.tensor(-0.1),
+    ]
+    for x in inputs:
+        g = torch.ones(()).expand(x.shape)
+        for alpha_grad in ("mean", "ae"):
+            y, gx, ga = _run(x, 0.3, 3, "relu", alpha_grad, "nearest", "triton", g, monkeypatch)
+            what = f"shape {tuple(x.shape)} strides {x.stride()} {alpha_grad}"
+            ref.assert_same_bits(y, ref.forward(x, 0.3, 3, "nearest"), SIGNED_ZERO, what)
+            ref.assert_same_bits(gx, ref.grad_x(x, g, 0.3, 3, "relu"), SIGNED_ZERO, what)
+            ref.assert_close_alpha(ga, ref.alpha_terms(x, g, 0.3, 3, alpha_grad, "nearest"), 0.01, what=what)
+
+
 def test_only_the_needed_outputs_and_saved_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     """Saved for backward: a 2-bit code (n/4 bytes) and the 0-dim alpha; y only for "ae"; x only for the
     input-dependent log-tailed proxy; nothing per element for identity without an alpha gradient."""
