@@ -37,8 +37,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from lightning_ste.blend import bcgd_blend_, blend_, grads_finite  # noqa: E402
-from lightning_ste.functional import quantized_relu  # noqa: E402
-from lightning_ste.modules import WeightQuantizer  # noqa: E402
+from lightning_ste.functional import quantize_weight, quantized_relu_unchecked  # noqa: E402
+from lightning_ste.modules import WeightQuantizer, prepare_weights_  # noqa: E402
 
 # Ops that launch nothing: allocation and metadata only (views are found with OpOverload.is_view).
 _NO_LAUNCH = {
@@ -54,14 +54,14 @@ class Tally:
     bytes: int = 0
     ops: list[str] = field(default_factory=list)
 
-    def add(self, name: str, tensors: list[Tensor]) -> None:
+    def add(self, name: str, tensors: list[Tensor], launches: int = 1) -> None:
         seen: set[int] = set()
         total = 0
         for t in tensors:
             if id(t) not in seen:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
-        self.launches += 1
+        self.launches += launches
         self.bytes += total
         self.ops.append(name)
 
@@ -80,8 +80,35 @@ class Count(TorchDispatchMode):
         if namespace == _TRITON_OPS or func.is_view or name in _NO_LAUNCH:
             return out
         tensors = [t for t in tree_flatten((args, kwargs or {}, out))[0] if isinstance(t, Tensor)]
-        self.tally.add(name, tensors)
+        self.tally.add(name, tensors, _foreach_launches(name, args) if name.startswith("_foreach_") else 1)
         return out
+
+
+# CUDA multi_tensor_apply: chunks of 65536 elements; one launch holds at most this many tensors / chunks,
+# by the number of tensor lists it walks (ATen's depth_to_max_tensors / depth_to_max_blocks).
+_MAX_TENSORS = {1: 110, 2: 64, 3: 48, 4: 36, 5: 30}
+_MAX_BLOCKS = {1: 320, 2: 320, 3: 320, 4: 320, 5: 320}
+_CHUNK = 65536
+
+
+def _foreach_launches(name: str, args: Any) -> int:
+    """Kernel launches of a foreach op on CUDA: per tensor when its lists' shapes differ (the slow path),
+    else multi_tensor_apply's launches over the chunks (+1 for the final reduction of ``_foreach_norm``)."""
+    lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], Tensor)]
+    if not lists:
+        return 1
+    if any(a[i].shape != lists[0][i].shape for a in lists[1:] for i in range(len(lists[0]))):
+        return len(lists[0])
+    depth = len(lists) + (0 if name.endswith("_") or name == "_foreach_norm" else 1)
+    launches, tensors, blocks = 0, 0, 0
+    for t in lists[0]:
+        tensors += 1
+        for _ in range(max(1, math.ceil(t.numel() / _CHUNK))):
+            blocks += 1
+            if blocks == _MAX_BLOCKS[depth] or tensors == _MAX_TENSORS[depth]:
+                launches, tensors, blocks = launches + 1, 0, 0
+    launches += 1 if blocks or tensors else 0
+    return launches + (1 if name == "_foreach_norm" else 0)
 
 
 def _wrap_triton(tally: Tally) -> Callable[[], None]:
@@ -124,7 +151,12 @@ def relu_site(kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Ta
     undo = _wrap_triton(fwd) if kind == "triton" else (lambda: None)
     try:
         with Count(fwd):
-            y = torch.relu(x) if kind == "relu" else quantized_relu(x, alpha, bits=4, ste="clipped_relu")
+            # what a QuantReLU module calls (its arguments were checked once, at construction)
+            y = (
+                torch.relu(x)
+                if kind == "relu"
+                else quantized_relu_unchecked(x, alpha, 4, "clipped_relu", "mean", 0.01, "ceil")
+            )
     finally:
         undo()
     undo = _wrap_triton(bwd) if kind == "triton" else (lambda: None)
@@ -160,7 +192,11 @@ def weight_step(shapes: list[tuple[int, ...]], new: bool) -> tuple[Tally, Tally]
     quantizers = [WeightQuantizer(bits=1) for _ in shapes]
     fwd, step = Tally(), Tally()
     with Count(fwd):
-        outs = [q(w) for q, w in zip(quantizers, latents)]
+        if new:
+            prepare_weights_(zip(quantizers, latents))  # BlendedQuantWeights.on_train_batch_start
+            outs = [q(w) for q, w in zip(quantizers, latents)]
+        else:  # the previous forward: sign(W) * mean|W| per layer
+            outs = [quantize_weight(w, 1) for w in latents]
     for w, b, o in zip(latents, biases, outs):
         w.grad, b.grad = torch.empty_like(o), torch.empty_like(b)
     found_inf = torch.zeros((), device="meta")  # what GradScaler.unscale_ leaves per device
@@ -171,8 +207,8 @@ def weight_step(shapes: list[tuple[int, ...]], new: bool) -> tuple[Tally, Tally]
             finite = grads_finite([*latents, *biases])
             assert finite is not None
             weight = finite.to(torch.float32) * 1e-5
-            for w, q in zip(latents, quantizers):
-                blend_(w, q.quantize(w), weight)
+            for w in latents:
+                blend_(w, quantize_weight(w, 1).detach(), weight)
     return fwd, step
 
 
@@ -277,7 +313,7 @@ def main() -> None:
         if args.float_img_s
         else f"{fl.bytes / 1e6:.1f} MB/image counted x {args.batch} / {args.bandwidth / 1e12:.2f} TB/s (memory-bound roofline)"
     )
-    print(f"- float step: {fl.launches} launches/image-batch, {source}: T_float = {t_float * 1e3:.2f} ms")
+    print(f"- float step: {fl.launches} launches, {source}: T_float = {t_float * 1e3:.2f} ms")
     relu_launches, relu_bytes = site[("relu", torch.float16)]
     for kind in ("eager", "triton"):
         if (kind, torch.float16) not in site:

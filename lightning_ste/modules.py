@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -12,7 +13,7 @@ from lightning_ste import _kernels
 from lightning_ste import functional as F_ste
 from lightning_ste.blend import blend_ as blend
 
-__all__ = ["ALPHA_MODES", "QuantReLU", "WeightQuantizer"]
+__all__ = ["ALPHA_MODES", "QuantReLU", "WeightQuantizer", "prepare_weights_"]
 
 ALPHA_MODES = ("learned", "fixed", "calibrate")
 
@@ -126,6 +127,10 @@ class WeightQuantizer(nn.Module):
         self._q: tuple[weakref.ref, int, Tensor] | None = None  # (W, W._version, q(W)), last training forward
 
     def forward(self, w: Tensor) -> Tensor:
+        known = self._q
+        if known is not None and known[0]() is w and known[1] == w._version:
+            # q(W) of this same, unchanged W: prepared for this step by prepare_weights_, or an earlier forward
+            return F_ste.straight_through(w, known[2])
         self._q = None  # the last forward's q(W) (its storage may be reused below)
         out = self._free_out(w)
         if F_ste.one_pass_binary(w, self.bits, self.per_channel, self.binary_scale):
@@ -136,15 +141,28 @@ class WeightQuantizer(nn.Module):
             self._scale = None if w.is_inference() else (weakref.ref(w), w._version, scale)
             return F_ste.straight_through(w, q)
         with torch.no_grad():
-            codes, scale = F_ste.weight_codes(
-                w.detach(), self.bits, self.per_channel, self.ternary_scale, self.binary_scale
-            )
-            q = torch.mul(codes, scale, out=out)
+            if self.multi_binary(w):
+                (q,) = F_ste.binary_weight_multi([w.detach()])
+            else:
+                codes, scale = F_ste.weight_codes(
+                    w.detach(), self.bits, self.per_channel, self.ternary_scale, self.binary_scale
+                )
+                q = torch.mul(codes, scale, out=out)
         if torch.is_grad_enabled() and w.requires_grad and not w.is_inference():
             # The blend before this step's optimizer update sees the same W (same version) and takes this q(W)
             # instead of computing it again (on CUDA: no kernel launches for q in the blend).
             self._q = (weakref.ref(w), w._version, q)
         return F_ste.straight_through(w, q)
+
+    def multi_binary(self, w: Tensor) -> bool:
+        """Whether q(W) is :func:`~lightning_ste.functional.binary_weight_multi` (binary, mean scale, per tensor,
+        without the fused CPU kernels: the CUDA path), which :func:`prepare_weights_` computes for many layers."""
+        return (
+            self.bits == 1
+            and self.binary_scale == "mean"
+            and not self.per_channel
+            and not F_ste.one_pass_binary(w, self.bits, self.per_channel, self.binary_scale)
+        )
 
     def for_blend(self, w: Tensor) -> Tensor:
         """q(W) for the BCGD blend: the last training forward's when ``w`` is the same tensor, unchanged since
@@ -194,6 +212,8 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def quantize(self, w: Tensor) -> Tensor:
         """q(W) without autograd, for the BCGD blend (the same values the forward uses)."""
+        if self.multi_binary(w):
+            return F_ste.binary_weight_multi([w.detach()])[0]
         return F_ste.quantize_weight(w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale)
 
     @torch.no_grad()
@@ -209,3 +229,26 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per_channel={self.per_channel}, ternary_scale={self.ternary_scale}"
+
+
+@torch.no_grad()
+def prepare_weights_(pairs: Iterable[tuple[WeightQuantizer, Tensor]]) -> None:
+    """q(W) of every ``(quantizer, W)`` whose quantizer takes the multi-tensor binary path, computed together
+    (a few foreach ops, see :func:`~lightning_ste.functional.binary_weight_multi`) and kept by each quantizer:
+    the forwards that follow while W is unchanged take it without another pass. Others are left alone.
+
+    Called before each training step's forward (``BlendedQuantWeights.on_train_batch_start``).
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple[WeightQuantizer, Tensor]]] = {}
+    for quantizer, w in pairs:
+        if not w.requires_grad or w.is_inference() or not quantizer.multi_binary(w):
+            continue
+        known = quantizer._q
+        if known is not None and known[0]() is w and known[1] == w._version:
+            continue  # already prepared for this W (another micro-batch of the same optimizer step)
+        groups.setdefault((w.device, w.dtype), []).append((quantizer, w))
+    for group in groups.values():
+        unique = list({id(w): w for _, w in group}.values())  # a tied W once
+        qs = dict(zip(map(id, unique), F_ste.binary_weight_multi(unique)))
+        for quantizer, w in group:
+            quantizer._q = (weakref.ref(w), w._version, qs[id(w)])

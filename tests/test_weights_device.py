@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ste import BlendedQuantWeights, _kernels
 from lightning_ste.blend import bcgd_blend_, blend_, multi_blend_, scaler_found_inf
-from lightning_ste.modules import WeightQuantizer
+from lightning_ste.functional import binary_weight_multi
+from lightning_ste.modules import WeightQuantizer, prepare_weights_
 from lightning_ste.weights import quantize_weights_, quantized_layers
 
 
@@ -182,3 +183,26 @@ def test_16_mixed_blend_follows_the_scalers_decision(device_path: None) -> None:
     for (*_, w, _), b, q in zip(quantized_layers(model), probe.before, probe.quantizers):
         # blended as the scaler stepped; a second pass over the gradients would have seen the inf and skipped
         assert torch.equal(w.detach(), blend_(b.clone(), q.quantize(b), 0.5))
+
+
+def test_prepared_q_is_what_the_forward_uses_and_launches_do_not_grow(device_path: None) -> None:
+    counts = []
+    for n_layers in (2, 8):
+        latents = [nn.Parameter(torch.randn(6 + i, 5)) for i in range(n_layers)]
+        quantizers = [WeightQuantizer(bits=1) for _ in latents]
+        with CountOps() as mode:
+            prepare_weights_(zip(quantizers, latents))
+        counts.append(len(mode.ops))
+        for q, w in zip(quantizers, latents):
+            with CountOps() as mode:
+                out = q(w)
+            assert [op for op in mode.ops if op not in ("alias", "view", "detach")] == []  # prepared: no pass
+            assert torch.equal(out, binary_weight_multi([w.detach()])[0])  # the per-layer path's values
+            torch.testing.assert_close(out, torch.sign(w) * w.abs().mean(), rtol=1e-6, atol=0)
+    assert counts[0] == counts[1] == 4  # norm, divide, sign, multiply: multi-tensor ops, any layer count
+
+    w, q = nn.Parameter(torch.randn(4, 4)), WeightQuantizer(bits=1)
+    prepare_weights_([(q, w)])
+    with torch.no_grad():
+        w.mul_(-1.0)  # the optimizer step: the prepared q is stale now
+    assert torch.equal(q(w), torch.sign(w) * binary_weight_multi([w.detach()])[0].abs())

@@ -31,6 +31,7 @@ from lightning_ste.callbacks._interop import (
     restore_pruning,
     retarget_pruning,
 )
+from lightning_ste.modules import prepare_weights_
 from lightning_ste.weights import (
     DEFAULT_LAYER_TYPES,
     RECIPE_KIND,
@@ -204,6 +205,15 @@ class BlendedQuantWeights(Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._schedule.start_epoch(trainer.current_epoch)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # q(W) of all binary layers in a few multi-tensor ops (the CUDA path) before the forward, which takes it.
+        if self._layers and not self.dry_run:
+            prepare_weights_(
+                (target.quantizer, w) for w, target in self._layers if pruning_mask(target.chain) is None
+            )
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
