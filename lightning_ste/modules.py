@@ -127,6 +127,11 @@ class WeightQuantizer(nn.Module):
         self._q: tuple[weakref.ref, int, Tensor] | None = None  # (W, W._version, q(W)), last training forward
 
     def forward(self, w: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            # A traced graph computes q(W) itself (no Python-side cache to guard on); nothing is kept for a blend.
+            return F_ste.quantize_weight(
+                w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale
+            )
         known = self._q
         if known is not None and known[0]() is w and known[1] == w._version:
             # q(W) of this same, unchanged W: prepared for this step by prepare_weights_, or an earlier forward
