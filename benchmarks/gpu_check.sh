@@ -4,14 +4,14 @@
 # last, so a run cut short keeps everything it measured:
 #   1. environment: python3, torch, GPU, Triton, and that lightning_ste imports from this checkout (else stop);
 #   2. Triton vs eager quantized ReLU on the GPU, bit for bit (bits 1-8, every STE and alpha_grad, ceil and
-#      nearest, float32/16/bf16, contiguous and channels_last, level boundaries, NaN/inf): at most 90 s;
+#      nearest, float32/16/bf16, contiguous and channels_last, level boundaries, NaN/inf): at most 75 s;
 #   3. one ReLU site forward + backward: torch.relu, eager formula, Triton (256x64x56x56 float16): 15 s;
 #   4. Lightning fit of the ImageNet recipe model (Classifier resnet18) on generated 224x224 data, batch 256,
-#      16-mixed, channels_last, cuDNN benchmark: float, A4, W1A4 through the real callbacks, 28 s of steps
-#      each: img/s and max_memory_allocated (at most 3 x 50 s);
+#      16-mixed, channels_last, cuDNN benchmark: float, A4, W1A4 through the real callbacks, 20 s of steps
+#      each: img/s and max_memory_allocated (at most 3 x 45 s);
 #   5. torch.profiler top-10 kernel table of A4 steps -> $OUT/profile_A4.txt: 30 s;
 #   6. torch.compile rows of benchmarks/bench_resnet18.py (fp32 eager vs W1A4 compiled) in the time left,
-#      table -> $OUT/compile.md; skipped when less than 10 s remain.
+#      table -> $OUT/compile.md; skipped when less than 10 s remain, and cut (not failed) at the budget.
 #
 #   bash benchmarks/gpu_check.sh              # on a CUDA machine
 #   bash benchmarks/gpu_check.sh --dry-run    # anywhere: the same steps on the CPU, tiny sizes (logic check)
@@ -27,7 +27,7 @@ export PYTHONWARNINGS=ignore
 export PY=python3
 DRY=()
 BUDGET=350
-FIT_SECONDS=28
+FIT_SECONDS=20
 SLOW=1
 if [ "${1:-}" = "--dry-run" ]; then
     DRY=(--dry-run)
@@ -46,7 +46,9 @@ step() {  # step <timeout seconds> <title> <command...>: run, record the outcome
     [ "$limit" -gt "$left" ] && limit=$left
     timeout "$limit" bash -c '"$@"' step "$@"  # bash -c: a step may be an exported function
     local rc=$?
-    if [ "$rc" -ne 0 ]; then
+    if [ "$rc" -eq 124 ] && [ "${SOFT:-0}" = 1 ]; then
+        echo "| $title | cut at the budget after ${limit} s (not a failure) |" | tee -a "$OUT/results.md"
+    elif [ "$rc" -ne 0 ]; then
         status=1
         echo "| $title | FAILED (exit $rc$([ "$rc" -eq 124 ] && echo ", timed out after ${limit} s")) |" | tee -a "$OUT/results.md"
     fi
@@ -62,10 +64,10 @@ if ! timeout 60 $PY benchmarks/gpu_check.py env "${DRY[@]}"; then
 fi
 echo "| check | what | result | |" | tee -a "$OUT/results.md"
 echo "|---|---|---|---|" | tee -a "$OUT/results.md"
-step 90 "Triton vs eager bit-exactness" $PY benchmarks/gpu_check.py exact "${DRY[@]}"
+step 75 "Triton vs eager bit-exactness" $PY benchmarks/gpu_check.py exact "${DRY[@]}"
 step 15 "ReLU site timing" $PY benchmarks/gpu_check.py relu "${DRY[@]}"
 for config in float A4 W1A4; do
-    step 50 "Lightning fit $config" $PY benchmarks/gpu_check.py fit --config "$config" --seconds "$FIT_SECONDS" "${DRY[@]}"
+    step 45 "Lightning fit $config" $PY benchmarks/gpu_check.py fit --config "$config" --seconds "$FIT_SECONDS" "${DRY[@]}"
 done
 step 30 "profiler A4" $PY benchmarks/gpu_check.py profile "${DRY[@]}"
 compile_rows() {  # bench_resnet18's table (printed at its end) into $OUT/compile.md
@@ -76,9 +78,9 @@ compile_rows() {  # bench_resnet18's table (printed at its end) into $OUT/compil
 }
 export -f compile_rows
 if [ ${#DRY[@]} -eq 0 ]; then
-    step 300 "torch.compile rows" compile_rows --device cuda --only "W1A4 compiled" --rounds 2 --steps 5 --warmup 2
+    SOFT=1 step 300 "torch.compile rows" compile_rows --device cuda --only "W1A4 compiled" --rounds 2 --steps 5 --warmup 2
 else
-    step 75 "torch.compile rows (dry run)" compile_rows --only "A4 compiled" --batch 2 --size 32 --rounds 1 \
+    SOFT=1 step 75 "torch.compile rows (dry run)" compile_rows --only "A4 compiled" --batch 2 --size 32 --rounds 1 \
         --steps 1 --warmup 1 --threads 1
 fi
 echo "gpu_check: $([ $status -eq 0 ] && echo PASS || echo FAIL) in ${SECONDS} s; rows in $OUT/results.md" | tee -a "$OUT/results.md"
