@@ -379,12 +379,14 @@ def test_backend_matches_the_float64_oracle(name: str, monkeypatch: pytest.Monke
     cases = list(itertools.product(range(1, 9), ROUNDINGS, ORACLE_DTYPES))
     for i, (bits, rounding, dtype) in enumerate(cases):
         alpha = (0.75, 0.6511, 0.33, 0.1946, 0.1, 0.05, 0.0237, 0.0125)[bits - 1]
+        ste = REGION_STES[i % 3]
+        alpha_grad = ALPHA_GRADS[(i // 3) % 4]
         x = _oracle_input(alpha, bits, dtype, seed=i)
+        if alpha_grad == "ae":  # sum(grad * y) is non-finite as soon as one y is +-inf: keep it finite
+            x = x[x.isfinite()]
         g = torch.randn(x.shape, generator=torch.Generator().manual_seed(i)).to(dtype)
         if i % 3 == 0:
             g[:2] = torch.tensor([float("nan"), float("inf")])
-        ste = REGION_STES[i % 3]
-        alpha_grad = ALPHA_GRADS[(i // 3) % 4]
         assert backend.backend_for(x, ste) == name
         xi = x.clone().requires_grad_(True)
         a = torch.tensor(alpha, requires_grad=True)

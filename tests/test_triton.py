@@ -146,7 +146,10 @@ def test_backward_every_ste_alpha_grad_dtype(monkeypatch: pytest.MonkeyPatch) ->
         rounding = ("ceil", "nearest")[i % 2]
         channels_last = (i // 2) % 2 == 1
         alpha = (0.75, 0.6511, 0.33, 0.1946, 0.1, 0.05, 0.0237, 0.0125)[bits - 1]
-        x = _layout(_inputs(alpha, bits, dtype, seed=100 + i, n=90), channels_last)
+        x = _inputs(alpha, bits, dtype, seed=100 + i, n=90)
+        if alpha_grad == "ae":  # sum(grad * y) is non-finite as soon as one y is +-inf: keep it finite
+            x = x[x.isfinite()]
+        x = _layout(x, channels_last)
         g = _grads(x.shape, dtype, seed=i, special=i % 5 == 0)
         what = f"{ste} {alpha_grad} {dtype} bits={bits} {rounding} channels_last={channels_last}"
         yt, gxt, gat = _run(x, alpha, bits, ste, alpha_grad, rounding, "triton", g, monkeypatch)
