@@ -3,9 +3,10 @@
 ``LIGHTNING_STE_KERNELS`` (read at every call):
 
 - ``auto`` (default, also ``1``): the fused C++ kernels for CPU tensors when they build, the fused Triton
-  kernels for CUDA tensors when Triton imports, the eager torch formula otherwise. Under
-  ``torch.compile`` a CUDA tensor takes the eager formula, which Inductor fuses into the neighbouring
-  kernels (a custom op would be an opaque fusion barrier).
+  kernels for CUDA tensors when Triton imports (NVIDIA GPUs of compute capability 7.0 or newer; ROCm only
+  when named), the eager torch formula otherwise. Under ``torch.compile`` a CUDA tensor takes the eager
+  formula, which Inductor fuses into the neighbouring kernels (a custom op would be an opaque fusion
+  barrier).
 - ``eager`` (also ``0``): the torch formula everywhere (and the C++ weight kernels are not built either).
 - ``cpu`` / ``triton``: that backend or a ``RuntimeError`` saying why it cannot run: never a silent
   fallback. ``triton`` takes CPU tensors only when the kernels were built for the Triton interpreter
@@ -33,6 +34,7 @@ ENV = "LIGHTNING_STE_KERNELS"
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _triton: dict[str, object] = {}
+_capabilities: dict[int, tuple[int, int]] = {}
 
 
 def setting() -> str:
@@ -64,6 +66,8 @@ def _triton_problem(x: Tensor, ste_name: str) -> str | None:
         return f"Triton kernels run on CUDA tensors, got a {x.device.type} tensor"
     if x.device.type == "cuda" and not torch.cuda.is_available():
         return "CUDA is not available"
+    if x.device.type == "cuda" and _capability(x.device) < (7, 0):
+        return f"Triton needs a GPU of compute capability 7.0 or newer, got {_capability(x.device)}"
     module = triton_module()
     if module is None:
         return f"Triton does not import ({_triton.get('error')})"
@@ -77,6 +81,13 @@ def _triton_problem(x: Tensor, ste_name: str) -> str | None:
     if entry.regions is None and entry.derivative is not _ste._log_tailed_relu:
         return f"STE {ste_name!r} is an arbitrary Python proxy; only the eager formula can run it"
     return None
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities[index]
 
 
 def triton_usable(x: Tensor, ste_name: str = "clipped_relu") -> bool:
@@ -120,6 +131,12 @@ def backend_for(x: Tensor, ste: str = "clipped_relu") -> str:
     # auto
     if x.device.type == "cpu":
         return "cpu" if _cpu_problem(x, ste) is None else "eager"
-    if x.device.type == "cuda" and not torch.compiler.is_compiling() and _triton_problem(x, ste) is None:
+    # On CUDA (not ROCm, where the kernels are untested); under torch.compile Inductor fuses the formula.
+    if (
+        x.device.type == "cuda"
+        and torch.version.hip is None
+        and not torch.compiler.is_compiling()
+        and _triton_problem(x, ste) is None
+    ):
         return "triton"
     return "eager"
