@@ -271,13 +271,16 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
         seen.add(id(param))
         if pname in latent:
             w, quantizer = latent[pname]
-            codes, scale = F_ste.weight_codes(
-                w.detach(),
-                quantizer.bits,
-                quantizer.per_channel,
-                quantizer.ternary_scale,
-                quantizer.binary_scale,
-            )
+            if hasattr(quantizer, "weight_codes"):  # ConvTranspose: scales per output channel, in W's layout
+                codes, scale = quantizer.weight_codes(w.detach())
+            else:
+                codes, scale = F_ste.weight_codes(
+                    w.detach(),
+                    quantizer.bits,
+                    quantizer.per_channel,
+                    quantizer.ternary_scale,
+                    quantizer.binary_scale,
+                )
         else:
             codes, scale = _codes_from_frozen(param.detach(), settings)
         blob = _pack_codes(codes.detach().flatten().cpu(), settings["bits"])

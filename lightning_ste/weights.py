@@ -34,6 +34,7 @@ __all__ = [
     "apply_recipe",
     "check_layer_types",
     "execution_order",
+    "lazy_modules",
     "materialize_lazy_",
     "layer_types_from_arguments",
     "set_quantizer_arguments_",
@@ -89,6 +90,18 @@ class TransposedWeightQuantizer(WeightQuantizer):
         if not self.per_channel or w.dim() < 2:
             return super().quantize(w)
         return self.in_major(super().quantize(self.out_major(w)), w.shape)
+
+    @torch.no_grad()
+    def weight_codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """(codes, scale) with ``codes * scale == q(W)`` in W's own layout (for packed export); the per-channel
+        scale has shape ``[in, out/groups, 1, ...]`` so it broadcasts against the codes."""
+        args = (self.bits, self.per_channel, self.ternary_scale, self.binary_scale)
+        if not self.per_channel or w.dim() < 2:
+            return F_ste.weight_codes(w, *args)
+        codes, scale = F_ste.weight_codes(self.out_major(w), *args)
+        g, (i, o) = self.groups, w.shape[:2]
+        per_weight = scale.reshape(g, 1, o).expand(g, i // g, o).reshape(i, o, *([1] * (w.dim() - 2)))
+        return self.in_major(codes, w.shape), per_weight
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", groups={self.groups} (ConvTranspose layout)"
@@ -188,7 +201,7 @@ def _candidates(module: nn.Module, layer_types: tuple[type[nn.Module], ...]) -> 
     return found
 
 
-def _lazy_modules(module: nn.Module) -> list[str]:
+def lazy_modules(module: nn.Module) -> list[str]:
     """Names of the modules holding an uninitialized (lazy) parameter or buffer."""
     return [
         name or "<root>"
@@ -345,7 +358,7 @@ def materialize_lazy_(module: nn.Module, example_input: Any = None) -> list[str]
     would initialise them. Returns the names of the modules that were lazy; ValueError when some are and
     ``example_input`` is None.
     """
-    lazy = _lazy_modules(module)
+    lazy = lazy_modules(module)
     if not lazy:
         return []
     if example_input is None:
@@ -355,7 +368,7 @@ def materialize_lazy_(module: nn.Module, example_input: Any = None) -> list[str]
             "`example_input_array` on the LightningModule or give the Trainer a dataloader"
         )
     _probe(module, example_input, "materializing lazy modules")
-    still = _lazy_modules(module)
+    still = lazy_modules(module)
     if still:
         raise ValueError(f"the probe forward did not initialize the lazy modules {', '.join(still)}")
     return lazy
@@ -591,7 +604,7 @@ def quantize_weights_(
     if not isinstance(dry_run, bool):
         raise ValueError(f"`dry_run` must be a bool, got {dry_run!r}")
     plan = plan_weights(
-        copy.deepcopy(module) if dry_run and _lazy_modules(module) else module, bits, include, exclude, keep_first_last, per_channel, ternary_scale, binary_scale, layer_types,
+        copy.deepcopy(module) if dry_run and lazy_modules(module) else module, bits, include, exclude, keep_first_last, per_channel, ternary_scale, binary_scale, layer_types,
         example_input,
     )  # fmt: skip
     if dry_run:

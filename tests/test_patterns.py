@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_ste
 from lightning_ste import QuantReLU
 from lightning_ste.convert import format_plan, plan_activations
+from lightning_ste.export import load_packed, save_packed
 from lightning_ste.weights import plan_weights
 
 
@@ -163,7 +164,7 @@ def _twn_per_output_channel(w: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_conv_transpose_per_channel_scales_along_output_channels(groups):
+def test_conv_transpose_per_channel_scales_along_output_channels(groups, tmp_path):
     layers = nn.Sequential(
         nn.ConvTranspose2d(4, 6, 3, groups=groups), nn.ConvTranspose1d(4, 6, 2, groups=groups)
     )
@@ -175,6 +176,11 @@ def test_conv_transpose_per_channel_scales_along_output_channels(groups):
         torch.testing.assert_close(layer.weight.detach().double(), expected, rtol=1e-6, atol=0)
     # 2-bit codes, one fp32 scale per output channel (6, not 4 input channels), the fp32 bias.
     assert lightning_ste.summary(layers).layers[0].quantized_bits == 2 * latents[0].numel() + 32 * 6 + 32 * 6
+    # The packed file stores codes and scales in the same layout: the reloaded weights are q(W) exactly.
+    save_packed(layers, tmp_path / "ct.ltq")
+    packed = load_packed(tmp_path / "ct.ltq")
+    for layer, restored in zip(layers, packed):
+        assert torch.equal(restored.weight, layer.weight.detach())
 
 
 class Decoder(Regressor):
