@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import LearningRateMonitor
 from torch.utils import cpp_extension
 
 from lightning_ste import QuantReLU
@@ -50,8 +53,11 @@ def test_console_script_fit_with_overrides_prints_table_and_never_prompts(
     env["HOME"] = str(tmp_path)
     # Keep the on-disk cache of the package's compiled CPU kernels (under the real HOME by default).
     env["TORCH_EXTENSIONS_DIR"] = os.path.dirname(cpp_extension._get_build_directory("lightning_ste", False))
+    env["PYTHONPATH"] = str(REPO)  # the checkout's code, as `lightning-ste` runs it after `pip install .`
     cmd = [
-        "lightning-ste",
+        sys.executable,
+        "-m",
+        "lightning_ste.cli",
         "fit",
         "--config",
         TWOLAYER,
@@ -74,6 +80,7 @@ def test_console_script_fit_with_overrides_prints_table_and_never_prompts(
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "W&B runs offline" in proc.stderr
+    assert "args parameter is intended" not in proc.stderr  # the command line is handed to LightningCLI once
     out = proc.stdout
     assert "Final validation metrics (epoch 1, step 8)" in out
     assert "| val/acc " in out and "| val/loss " in out
@@ -162,9 +169,100 @@ def test_coarse_gradient_step_is_descent_for_monotone_stes_on_many_samples() -> 
         assert losses[1] < losses[0] and losses[2] < losses[0]
 
 
-def test_module_entry_point_lists_subcommands() -> None:
+def test_help_lists_subcommands_and_recipes_without_lightning_warning() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_ste.cli", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "lightning_ste.cli", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    assert proc.returncode == 0
+    assert proc.returncode == 0, proc.stderr[-2000:]
     assert all(s in proc.stdout for s in ("fit", "validate", "test", "predict"))
+    assert "args parameter is intended" not in proc.stdout + proc.stderr
+    listing = proc.stdout[proc.stdout.index("Recipes (lightning-ste fit --config RECIPE") :]
+    row = next(line for line in listing.splitlines() if "recipes/imagenet/resnet18_w1a4.yaml " in line)
+    assert "BCGD19 ImageNet: torchvision ResNet-18" in row
+
+
+def test_recipes_command_lists_every_recipe_with_its_description(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(REPO)
+    assert run_cli(["recipes"]) is None
+    lines = capsys.readouterr().out.splitlines()
+    recipes = sorted((REPO / "recipes").rglob("*.yaml"))
+    assert len(lines) == 1 + len(recipes)
+    for line, path in zip(lines[1:], recipes):
+        name, description = line.split(maxsplit=1)
+        assert name == path.relative_to(REPO).as_posix()
+        first_comment = path.read_text().splitlines()[0].lstrip("# ")
+        assert description.rstrip(".") and first_comment.startswith(description.removesuffix("...").rstrip())
+
+
+def test_recipe_without_logger_trains_and_lightning_sees_the_command_line_once(
+    mnist_root: Path, tmp_path: Path
+) -> None:
+    # The recipe's LearningRateMonitor needs a logger: without one it is left out instead of failing the run.
+    args = [
+        "fit",
+        "--config",
+        TWOLAYER,
+        *small_mnist(mnist_root, tmp_path),
+        "--trainer.logger",
+        "false",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+    ]
+    args.remove("--trainer.logger.init_args.save_dir")
+    args.remove(str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = run_cli(args)
+    assert cli.trainer.loggers == [] and cli.trainer.global_step == 2
+    assert not any(isinstance(c, LearningRateMonitor) for c in cli.trainer.callbacks)
+    assert "val/acc" in cli.final_metrics
+    assert not [w for w in caught if "args parameter is intended" in str(w.message)]
+
+
+def test_compile_flag_compiles_the_converted_model(mnist_root: Path, tmp_path: Path) -> None:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    args = [
+        "fit",
+        "--config",
+        TWOLAYER,
+        *small_mnist(mnist_root, tmp_path),
+        "--trainer.fast_dev_run",
+        "1",
+        "--model.arch_kwargs.hidden",
+        "16",
+        "--compile",
+        "eager",  # a backend name: dynamo captures the graphs, no code generation (fast on a CPU)
+    ]
+    cli = run_cli(args)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert getattr(cli.trainer.lightning_module, "_compiler_ctx", None) is not None
+    assert any(isinstance(m, QuantReLU) for m in cli.model.modules())  # converted before compilation
+    assert np.isfinite(cli.final_metrics["val/acc"])
+    torch._dynamo.reset()
+
+
+def test_recipes_for_gpus_autotune_cudnn_and_checkpoint_every_n_steps() -> None:
+    for path in [
+        *(REPO / "recipes" / "cifar10").glob("*.yaml"),
+        *(REPO / "recipes" / "imagenet").glob("*.yaml"),
+    ]:
+        trainer = yaml.safe_load(path.read_text())["trainer"]
+        assert trainer["benchmark"] is True, path
+        steps = [
+            c["init_args"]
+            for c in trainer["callbacks"]
+            if c["class_path"].endswith("ModelCheckpoint") and c["init_args"].get("every_n_train_steps")
+        ]
+        assert len(steps) == 1 and steps[0]["save_last"] is True, path

@@ -127,3 +127,58 @@ def test_preempted_cli_run_resumes_bit_identically(
     state, metrics, messages = fit_in_process([*fit_args(ckpt_dir), "--ckpt_path", str(last)])
     assert not [m for m in messages if "not resumable" in m], messages
     assert_same_run((state, metrics), uninterrupted)
+
+
+def test_recipe_loader_resumes_mid_epoch_and_at_epoch_end_in_the_uninterrupted_order() -> None:
+    from lightning_ste.data import OrthogonalSubspacesDataModule
+
+    def module() -> OrthogonalSubspacesDataModule:
+        dm = OrthogonalSubspacesDataModule(num_classes=4, dim=2, n_train=50, n_val=10, batch_size=8)
+        dm.setup("fit")
+        return dm
+
+    torch.manual_seed(3)
+    dm = module()
+    loader = dm.train_dataloader()
+    epochs, states = [], []
+    for _ in range(2):
+        batches = []
+        for batch in loader:
+            batches.append(batch[1])
+            states.append(loader.state_dict())
+        epochs.append(batches)
+    assert len(epochs[0]) == 7 and not all(torch.equal(a, b) for a, b in zip(*epochs))
+    # The first pass is the order a plain shuffled DataLoader draws from the same global seed.
+    torch.manual_seed(3)
+    plain = list(torch.utils.data.DataLoader(module().train_data[1], batch_size=8, shuffle=True))
+    assert all(torch.equal(a, b) for a, b in zip(plain, epochs[0]))
+
+    # Mid-epoch (as Lightning hands it to the loader): the rest of that epoch, then the next epoch.
+    torch.manual_seed(99)  # another global RNG state: the saved state alone decides the order
+    resumed = module().train_dataloader()
+    resumed.load_state_dict(states[2])  # after 3 batches of epoch 0
+    rest = [y for _, y in resumed]
+    assert len(rest) == 4 and all(torch.equal(a, b) for a, b in zip(rest, epochs[0][3:]))
+    assert all(torch.equal(a, b) for (_, a), b in zip(resumed, epochs[1]))
+
+    # Epoch end (Lightning hands the state only to the data module): the next epoch's order.
+    dm2 = module()
+    dm2.load_state_dict({"train_loader": states[6]})
+    assert states[6]["served"] == 0
+    assert all(torch.equal(a, b) for (_, a), b in zip(dm2.train_dataloader(), epochs[1]))
+
+
+def test_distributed_sampler_injection_keeps_the_loader_resumable() -> None:
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DistributedSampler
+
+    from lightning_ste.data.common import SkippingBatchSampler, tensor_loader
+
+    x, y = torch.randn(40, 3), torch.arange(40)
+    loader = tensor_loader(x, y, 4, shuffle=True)
+    sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=1, shuffle=True, seed=0)
+    ddp = _update_dataloader(loader, sampler)  # what Lightning does under DDP
+    assert type(ddp) is type(loader) and isinstance(ddp.batch_sampler, SkippingBatchSampler)
+    full = [b[1] for b in ddp]
+    ddp.load_state_dict({"generator": None, "served": 2})
+    assert [b[1].tolist() for b in ddp] == [b.tolist() for b in full[2:]]

@@ -23,6 +23,7 @@ __all__ = [
     "DATA_ENV",
     "BatchIndexedTensors",
     "ResumableDataLoader",
+    "ResumableRandomSampler",
     "ResumableTrainData",
     "SkippingBatchSampler",
     "resolve_root",
@@ -77,31 +78,61 @@ class SkippingBatchSampler(BatchSampler):
                 yield batch
 
 
+class ResumableRandomSampler(RandomSampler):
+    """A ``RandomSampler`` that keeps its generator's state at the start of each pass, and can restore it.
+
+    The generator is seeded from torch's global RNG on the first pass, the draw a plain ``RandomSampler``
+    makes, so the first pass is the order of ``DataLoader(shuffle=True)``; later passes continue the
+    generator (``seed_everything`` still sets every order).
+    """
+
+    epoch_start: Tensor | None = None
+
+    def __iter__(self) -> Iterator[int]:
+        if self.generator is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            self.generator = torch.Generator()
+            self.generator.manual_seed(seed)
+        self.epoch_start = self.generator.get_state()
+        yield from super().__iter__()
+
+    def restore(self, state: Tensor) -> None:
+        """Make the next pass start from the generator state ``state`` (an ``epoch_start``)."""
+        if self.generator is None:
+            self.generator = torch.Generator()
+        self.generator.set_state(state)
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader that Lightning resumes mid-epoch (it has ``state_dict``/``load_state_dict``).
 
     State: the shuffle generator's state at the start of the current epoch and the number of batches handed
-    out in it. Loading it makes the next pass draw the same order (and, with workers, the same worker seeds)
-    and skip the batches already trained on, so a run resumed from a mid-epoch checkpoint sees the batches an
-    uninterrupted run sees. A finished epoch is saved as "the next epoch starts from the generator's current
-    state". ``epoch_length`` (set by the data module) says how many batches the trainer takes per epoch
-    (``limit_train_batches``); None means all.
+    out in it. Loading it makes the next pass draw the same order and skip, without loading them, the
+    batches already trained on, so a run resumed from a mid-epoch checkpoint sees the batches an uninterrupted
+    run sees. A finished epoch is saved as "the next epoch starts from the generator's current state".
+    ``epoch_length`` (set by the data module) says how many batches the trainer takes per epoch
+    (``limit_train_batches``); None means all. Under DDP Lightning's DistributedSampler (ordered by seed and
+    epoch) replaces the sampler; the skip still applies.
     """
 
     _pending: dict[str, Any] | None = None
-    _epoch_start: Tensor | None = None
+    _started: bool = False
     _served: int = 0
     epoch_length: Callable[[], float] | None = None
+
+    def _shuffler(self) -> ResumableRandomSampler | None:
+        sampler = getattr(self.batch_sampler, "sampler", None)
+        return sampler if isinstance(sampler, ResumableRandomSampler) else None
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         state, self._pending = self._pending, None
         skip = 0
         if state is not None:
-            if self.generator is not None and state.get("generator") is not None:
-                self.generator.set_state(state["generator"])
+            shuffler = self._shuffler()
+            if shuffler is not None and state.get("generator") is not None:
+                shuffler.restore(state["generator"])
             skip = int(state.get("served", 0))
-        self._epoch_start = self.generator.get_state() if self.generator is not None else torch.empty(0)
-        self._served = skip
+        self._started, self._served = True, skip
         if skip and isinstance(self.batch_sampler, SkippingBatchSampler):
             self.batch_sampler.skip, skip = skip, 0
         return self._counted(super().__iter__(), skip)
@@ -117,11 +148,11 @@ class ResumableDataLoader(DataLoader):
         length = len(self)
         if self.epoch_length is not None:
             length = min(length, self.epoch_length())
-        if self._epoch_start is None or self._served >= length:
-            current = self.generator.get_state() if self.generator is not None else None
-            return {"generator": current, "served": 0}
-        start = self._epoch_start if self.generator is not None else None
-        return {"generator": start, "served": self._served}
+        shuffler = self._shuffler()
+        if not self._started or self._served >= length:
+            current = shuffler.generator if shuffler is not None else None
+            return {"generator": None if current is None else current.get_state(), "served": 0}
+        return {"generator": shuffler.epoch_start if shuffler is not None else None, "served": self._served}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         served = state_dict.get("served")
@@ -135,22 +166,13 @@ def resumable_loader(
     batch_size: int,
     shuffle: bool,
     drop_last: bool = False,
-    seed: int | None = None,
     **kwargs: Any,
 ) -> ResumableDataLoader:
-    """A :class:`ResumableDataLoader` (``kwargs`` go to ``DataLoader``). With ``shuffle`` the order comes from
-    the loader's own generator, seeded with ``seed`` or, when None, from torch's global RNG (so
-    ``seed_everything`` sets it)."""
-    generator = None
-    if shuffle:
-        generator = torch.Generator()
-        start = int(torch.empty((), dtype=torch.int64).random_().item()) if seed is None else seed
-        generator.manual_seed(start)
-        sampler: RandomSampler | SequentialSampler = RandomSampler(dataset, generator=generator)
-    else:
-        sampler = SequentialSampler(dataset)
+    """A :class:`ResumableDataLoader` over ``dataset`` (``kwargs`` go to ``DataLoader``); with ``shuffle`` the
+    order of a :class:`ResumableRandomSampler`."""
+    sampler = ResumableRandomSampler(dataset) if shuffle else SequentialSampler(dataset)
     batches = SkippingBatchSampler(sampler, batch_size=batch_size, drop_last=drop_last)
-    return ResumableDataLoader(dataset, batch_sampler=batches, generator=generator, **kwargs)
+    return ResumableDataLoader(dataset, batch_sampler=batches, **kwargs)
 
 
 class ResumableTrainData:
