@@ -255,7 +255,7 @@ def _forward_op(
             OUT_BF16=x.dtype == torch.bfloat16,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
-        enable_fp_fusion=False,  # no fused multiply-add: every product rounds as in torch
+            enable_fp_fusion=False,  # no fused multiply-add: every product rounds as in torch
         )
     return y, code
 
