@@ -238,7 +238,8 @@ def _counter(device: torch.device) -> Tensor:
 def _forward_op(
     x: Tensor, alpha: Tensor, levels: int, nearest: bool, want_code: bool
 ) -> tuple[Tensor, Tensor]:
-    y = torch.empty_like(x)
+    """``(y, code)`` of :func:`relu_forward` for a dense ``x``: one launch, one program per ``BLOCK``."""
+    y = torch.empty_like(x)  # a dense x: the same strides, so y and the code follow x's memory order
     n = x.numel()
     code = torch.empty(((n + 3) // 4) if want_code else 0, dtype=torch.uint8, device=x.device)
     if n:
@@ -285,6 +286,7 @@ def _backward_op(
     w_above: float,
     scale: float,
 ) -> tuple[Tensor, Tensor]:
+    """``(grad_x or [0], grad_alpha float32 0-dim or [0])`` of :func:`relu_backward`: one launch."""
     n = grad.numel()
     gx = torch.empty_like(grad) if gx_kind != GX_NONE else grad.new_empty(0)
     if alpha_kind == ALPHA_NONE:
