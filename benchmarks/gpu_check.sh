@@ -70,6 +70,11 @@ for config in float A4 W1A4; do
     step 45 "Lightning fit $config" $PY benchmarks/gpu_check.py fit --config "$config" --seconds "$FIT_SECONDS" "${DRY[@]}"
 done
 step 30 "profiler A4" $PY benchmarks/gpu_check.py profile "${DRY[@]}"
+# ---- issue 12 (helper D's block): FSDPStrategy 2-step fit, layers built in configure_model, both callbacks.
+# Lightning refuses FSDP on the CPU, so this is where it is checked; it runs before the compile rows, which take
+# whatever budget is left. benchmarks/fsdp_check.py writes its own row.
+step 40 "FSDP fit" $PY benchmarks/fsdp_check.py "${DRY[@]}"
+# ---- end of the issue 12 block
 compile_rows() {  # bench_resnet18's table (printed at its end) into $OUT/compile.md
     $PY benchmarks/bench_resnet18.py "$@" >"$OUT/compile.md" 2>"$OUT/compile.err"
     local rc=$?
