@@ -14,7 +14,6 @@ default anywhere on its way fails the row. Tiny models, in-memory data, one or t
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,14 +316,42 @@ def test_activation_setting_on_every_route(row: ActRow, tmp_path: Path) -> None:
         assert torch.equal(loaded(batches[0]), model.eval()(batches[0]))
 
 
-def test_quantize_activations_targets_relu6() -> None:
-    """``targets`` (function only): a ReLU6 becomes the staircase capped at 6, alpha = 6 / L fixed."""
-    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU6(), nn.Linear(6, 3), nn.ReLU())
-    assert lightning_ste.quantize_activations_(copy.deepcopy(net), bits=2) == ["3"]  # default: ReLU only
-    sites = lightning_ste.quantize_activations_(net, bits=2, targets=("relu", "relu6"))
-    assert sorted(sites) == ["1", "3"]
-    check_site(net[1], {**ACT_DEFAULTS, "bits": 2, "mode": "fixed"}, alpha=6 / 3)
-    check_site(net[3], {**ACT_DEFAULTS, "bits": 2}, alpha=PUBLISHED[2])
+class Relu6Net(ActNet):
+    """ActNet whose first activation is a ReLU6."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.act1 = nn.ReLU6()
+
+
+def check_relu6_model(model: nn.Module) -> None:
+    """act1 (ReLU6) is the 2-bit staircase capped at 6: alpha = 6 / L = 2, fixed; act2 a learned 2-bit site."""
+    check_site(model.act1, {**ACT_DEFAULTS, "bits": 2, "mode": "fixed"}, alpha=6 / 3)
+    check_site(model.act2, {**ACT_DEFAULTS, "bits": 2})
+
+
+def test_targets_relu6_on_every_route(tmp_path: Path) -> None:
+    """``targets=("relu", "relu6")`` converts a ReLU6 too; by default it stays float."""
+    kwargs = {"bits": 2, "targets": ("relu", "relu6")}
+    assert lightning_ste.quantize_activations_(Relu6Net(), bits=2) == ["act2"]
+    model = Relu6Net()
+    assert sorted(lightning_ste.quantize_activations_(model, **kwargs)) == ["act1", "act2"]
+    check_relu6_model(model)
+
+    data = act_data()
+    pl.seed_everything(0)
+    model = Relu6Net()
+    trainer = fit(model, [QuantizeActivations(**kwargs)], data, max_steps=1)
+    check_relu6_model(model)
+    trainer.save_checkpoint(tmp_path / "relu6.ckpt")
+    resumed = Relu6Net()
+    fit(resumed, [QuantizeActivations(**kwargs)], data, tmp_path / "relu6.ckpt", max_steps=2)
+    check_relu6_model(resumed)
+    loaded = lightning_ste.load_from_checkpoint(Relu6Net, tmp_path / "relu6.ckpt")
+    check_relu6_model(loaded)
+    x = next(iter(data))[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
 
 
 # ---------------------------------------------------------------------------------- weight oracle
