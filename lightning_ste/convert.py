@@ -557,8 +557,8 @@ def plan_activations(
             seen += " Pass `targets=('relu', 'relu6')` to convert ReLU6 too."
         raise ValueError(
             f"no ReLU found in {type(module).__qualname__}: looked for {_looked_for(targets)} in traceable "
-            "forwards. Layers built in the LightningModule's `configure_model` are converted right after it; "
-            "layers built in `setup` are not seen."
+            "forwards (the callbacks convert after the LightningModule's `setup` and `configure_model`, so layers "
+            "built there count)."
             + seen
             + (f" Not traced: {', '.join(n or '<root>' for n, _, _ in not_traced)}." if not_traced else "")
         )

@@ -465,8 +465,8 @@ def plan_weights(
     if not candidates:
         raise ValueError(
             f"no layer with a float `weight` of `layer_types` {[t.__name__ for t in types]} in "
-            f"{type(module).__name__} (already quantized layers are skipped; layers built in the module's "
-            "`setup`/`configure_model` do not exist yet when a callback's `setup` runs)"
+            f"{type(module).__name__} (already quantized layers are skipped; the callbacks convert after the "
+            "LightningModule's `setup` and `configure_model`, so layers built there count)"
         )
     names = [n for n, _ in candidates]
     shapes = {n: (type(m).__name__, tuple(m.weight.shape)) for n, m in candidates}

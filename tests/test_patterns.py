@@ -147,6 +147,23 @@ def test_layers_built_in_configure_model_are_converted_before_restore(tmp_path):
         assert torch.equal(loaded(x), expected)
 
 
+class BuiltInSetup(Regressor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net: nn.Module | None = None
+
+    def setup(self, stage: str) -> None:  # Lightning calls it after every callback's setup
+        if self.net is None:
+            self.net = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+
+
+def test_layers_built_in_setup_are_converted():
+    model = BuiltInSetup()
+    tiny_trainer(callbacks=_callbacks()).fit(model, _loader(torch.randn(4, 6)))
+    assert isinstance(model.net[1], QuantReLU) and is_quantized(model.net[0]) and is_quantized(model.net[2])
+    assert "setup" not in model.__dict__
+
+
 # ------------------------------------------------------------------------------------------ ConvTranspose
 
 

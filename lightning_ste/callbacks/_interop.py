@@ -36,43 +36,45 @@ _PENDING = "_lightning_ste_after_configure_model"
 
 
 def after_configure_model(pl_module: pl.LightningModule, fn: Callable[[], None]) -> bool:
-    """Run ``fn`` right after the module's ``configure_model``, or now when it does not override it.
+    """Run ``fn`` right after the module's ``configure_model`` (or its ``setup``), or now when it overrides neither.
 
-    Lightning calls every callback's ``setup`` and then ``LightningModule.configure_model`` (its lazy-init
-    hook, where FSDP users build layers), and only then restores ``ckpt_path``, wraps the model for the
-    strategy and builds the optimizers. A conversion deferred here therefore sees every layer and still
-    comes before all of those. ``configure_model`` is wrapped on the instance for that one call (the wrapper
-    keeps ``__wrapped__``, so Lightning still sees the hook as overridden) and removed again after it.
-    Returns whether ``fn`` was deferred.
+    Lightning calls every callback's ``setup``, then ``LightningModule.setup``, then
+    ``LightningModule.configure_model`` (its lazy-init hook, where FSDP users build layers), and only then
+    restores ``ckpt_path``, wraps the model for the strategy and builds the optimizers. A conversion deferred
+    here therefore sees every layer and still comes before all of those. The hook is wrapped on the instance
+    for that one call (the wrapper keeps ``__wrapped__``, so Lightning still sees it as overridden) and removed
+    again after it. Returns whether ``fn`` was deferred.
     """
-    if not is_overridden("configure_model", pl_module):
+    hook = next((h for h in ("configure_model", "setup") if is_overridden(h, pl_module)), None)
+    if hook is None:
         fn()
         return False
     pending: list[Callable[[], None]] | None = pl_module.__dict__.get(_PENDING)
     if pending is None:
         pending = []
-        original = pl_module.configure_model
+        original = getattr(pl_module, hook)
 
-        def configure_model() -> None:
+        def wrapper(*args: Any, **kwargs: Any) -> None:
             try:
-                original()
+                original(*args, **kwargs)
             finally:
                 cancel_after_configure_model(pl_module)
             for step in pending:
                 step()
 
-        configure_model.__wrapped__ = original  # type: ignore[attr-defined]
-        configure_model.lightning_ste_wrapper = True  # type: ignore[attr-defined]
-        pl_module.__dict__["configure_model"] = configure_model
+        wrapper.__wrapped__ = original  # type: ignore[attr-defined]
+        wrapper.lightning_ste_wrapper = True  # type: ignore[attr-defined]
+        pl_module.__dict__[hook] = wrapper
         pl_module.__dict__[_PENDING] = pending
     pending.append(fn)
     return True
 
 
 def cancel_after_configure_model(pl_module: nn.Module) -> None:
-    """Drop a pending :func:`after_configure_model` wrapper (the run failed before configure_model ran)."""
-    if getattr(pl_module.__dict__.get("configure_model"), "lightning_ste_wrapper", False):
-        del pl_module.__dict__["configure_model"]
+    """Drop a pending :func:`after_configure_model` wrapper (the run failed before the hook ran)."""
+    for hook in ("configure_model", "setup"):
+        if getattr(pl_module.__dict__.get(hook), "lightning_ste_wrapper", False):
+            del pl_module.__dict__[hook]
     pl_module.__dict__.pop(_PENDING, None)
 
 
