@@ -1,4 +1,4 @@
-"""Module surgery: find the ReLU call sites of any ``nn.Module`` and turn each into a QuantReLU (SPEC §1).
+"""Module surgery: find the ReLU call sites of any ``nn.Module`` and turn each into a QuantReLU, y = alpha * clamp(ceil(x / alpha), 0, L) (YLZ19).
 
 A *call site* is one place in some ``forward`` where a ReLU runs: an ``nn.ReLU`` module (in-place or not),
 one call of an ``nn.ReLU`` instance that is called at several places (torchvision's ``BasicBlock`` calls
@@ -874,7 +874,7 @@ def quantize_activations_(
     dry_run: bool = False,
     targets: Sequence[str] = DEFAULT_TARGETS,
 ) -> list[str]:
-    """Turn every ReLU call site of ``module`` into a b-bit QuantReLU in place (SPEC §1; YLZ19, BCGD19).
+    """Turn every ReLU call site of ``module`` into a b-bit QuantReLU in place: y = alpha * clamp(ceil(x / alpha), 0, L) (YLZ19, BCGD19).
 
     ``targets=("relu", "relu6")`` converts ReLU6 too, to the staircase capped at 6 (``alpha = 6 / L`` fixed).
     ``alpha``: ``"learned"`` (init ``half_gaussian_resolution(bits)``, trained with the BCGD19 proxy),

@@ -23,7 +23,7 @@ _IDLE_USE_COUNT = 2
 
 
 class QuantReLU(nn.Module):
-    """b-bit staircase ReLU with resolution ``alpha`` and a straight-through backward (SPEC §1; YLZ19, BCGD19).
+    """b-bit staircase ReLU with resolution ``alpha`` and a straight-through backward (YLZ19, BCGD19).
 
     ``alpha_mode``: ``"learned"`` (``alpha`` is a parameter trained with the BCGD19 proxy gradient),
     ``"fixed"`` (a frozen buffer), or ``"calibrate"`` (``max|x| / L`` over the first

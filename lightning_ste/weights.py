@@ -1,4 +1,4 @@
-"""Quantize the weights of Linear / Conv layers with ``torch.nn.utils.parametrize`` (SPEC §2; BCGD19).
+"""Quantize the weights of Linear / Conv layers with ``torch.nn.utils.parametrize``: W -> q(W) (BCGD19).
 
 Each selected layer's ``weight`` becomes the parametrization ``q(W)`` of
 :class:`~lightning_ste.modules.WeightQuantizer`: ``layer.parametrizations.weight.original`` is the float
@@ -592,7 +592,7 @@ def quantize_weights_(
     example_input: Any = None,
     dry_run: bool = False,
 ) -> list[str]:
-    """Make each selected layer's weight q(W) of SPEC §2 via ``parametrize`` (BCGD19); return the layer names.
+    """Make each selected layer's weight q(W) (binary mean|W| sign(W), ternary TWN, b-bit) via ``parametrize`` (BCGD19); return the layer names.
 
     ``include``/``exclude`` are glob patterns over module names; ``layer_types`` the layer classes considered;
     ``keep_first_last=True`` keeps the first and last of them *in execution order* (a probe forward on

@@ -59,7 +59,7 @@ _STAGE_LOOPS = {
 
 
 class BlendedQuantWeights(Callback):
-    r"""Quantize the weights of Linear / Conv layers and train them with BCGD (SPEC §2–3; BCGD19).
+    r"""Quantize the weights of Linear / Conv layers and train them with BCGD, W <- (1 - rho) W + rho q(W) - lr grad (BCGD19).
 
     Each selected layer's ``weight`` becomes q(W) (binary for ``bits=1``, ternary TWN for 2, symmetric b-bit
     above) through ``torch.nn.utils.parametrize``; the optimizer trains the float latent W
@@ -78,7 +78,7 @@ class BlendedQuantWeights(Callback):
         keep_first_last: keep the first and last weight layer *in execution order* in float (BCGD19's 65.46%
             setting); found with a probe forward on ``example_input_array`` or the first batch.
         per_channel: one scale per output channel instead of one per tensor.
-        ternary_scale: ``"twn"`` or ``"bcgd_code"`` (SPEC §2). binary_scale: ``"mean"`` or ``"median"``.
+        ternary_scale: ``"twn"`` or ``"bcgd_code"`` (the ternary scale over kept or all entries). binary_scale: ``"mean"`` or ``"median"``.
         layer_types: the layer classes considered.
         dry_run: print the plan and change nothing.
     """
