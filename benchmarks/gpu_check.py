@@ -115,7 +115,7 @@ def step_exact(dry: bool) -> int:
     dtypes = (torch.float32, torch.float16, torch.bfloat16)
     cases = list(itertools.product(dtypes, bits_list, stes, modes, ("ceil", "nearest"), (False, True)))
     if dry:
-        cases = cases[:: max(1, len(cases) // 24)]
+        cases = cases[:: max(1, len(cases) // 12)]
 
     def run(backend: str, xd: Any, bits: int, ste: str, mode: str, rounding: str) -> tuple[Any, Any, Any]:
         os.environ["LIGHTNING_STE_KERNELS"] = backend
