@@ -299,14 +299,14 @@ def _backward_op(
         return gx, out
     programs = min(triton.cdiv(n, BLOCK), MAX_PROGRAMS)
     partials = grad.new_empty(2 * programs if alpha_kind != ALPHA_NONE else 0, dtype=torch.float32)
-    counter = _counter(grad.device) if alpha_kind != ALPHA_NONE else partials
+    counter = _counter(grad.device) if alpha_kind != ALPHA_NONE else partials.new_empty(0, dtype=torch.int32)
     rblock = max(triton.next_power_of_2(programs), 16)
     _qrelu_bwd_kernel[(programs,)](
         grad,
         src,
-        y if y is not None else grad,
+        y if y is not None else grad.new_empty(0),  # placeholders are never read: no bytes
         alpha,
-        gx if gx_kind != GX_NONE else grad,
+        gx,
         partials,
         counter,
         out,
