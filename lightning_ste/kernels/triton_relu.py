@@ -16,6 +16,7 @@ implementations, so ``torch.compile`` traces them without graph breaks.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -234,6 +235,11 @@ def _counter(device: torch.device) -> Tensor:
     return counter
 
 
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on the tensor's GPU (Triton launches on the current device), nothing to do on the CPU."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 @torch.library.custom_op("lightning_ste_triton::qrelu_forward", mutates_args=())
 def _forward_op(
     x: Tensor, alpha: Tensor, levels: int, nearest: bool, want_code: bool
@@ -243,21 +249,22 @@ def _forward_op(
     n = x.numel()
     code = torch.empty(((n + 3) // 4) if want_code else 0, dtype=torch.uint8, device=x.device)
     if n:
-        _qrelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            x,
-            alpha,
-            y,
-            code,
-            n,
-            float(levels),
-            _ALPHA_FLOOR,
-            NEAREST=nearest,
-            WANT_CODE=want_code,
-            OUT_BF16=x.dtype == torch.bfloat16,
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,  # no fused multiply-add: every product rounds as in torch
-        )
+        with _on(x.device):
+            _qrelu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+                x,
+                alpha,
+                y,
+                code,
+                n,
+                float(levels),
+                _ALPHA_FLOOR,
+                NEAREST=nearest,
+                WANT_CODE=want_code,
+                OUT_BF16=x.dtype == torch.bfloat16,
+                BLOCK=BLOCK,
+                num_warps=NUM_WARPS,
+                enable_fp_fusion=False,  # no fused multiply-add: every product rounds as in torch
+            )
     return y, code
 
 
@@ -301,33 +308,34 @@ def _backward_op(
     partials = grad.new_empty(2 * programs if alpha_kind != ALPHA_NONE else 0, dtype=torch.float32)
     counter = _counter(grad.device) if alpha_kind != ALPHA_NONE else partials.new_empty(0, dtype=torch.int32)
     rblock = max(triton.next_power_of_2(programs), 16)
-    _qrelu_bwd_kernel[(programs,)](
-        grad,
-        src,
-        y if y is not None else grad.new_empty(0),  # placeholders are never read: no bytes
-        alpha,
-        gx,
-        partials,
-        counter,
-        out,
-        n,
-        float(levels),
-        _ALPHA_FLOOR,
-        m0,
-        m1,
-        m2,
-        w_in,
-        w_above,
-        scale,
-        FROM_X=from_x,
-        GX=gx_kind,
-        ALPHA=alpha_kind,
-        OUT_BF16=grad.dtype == torch.bfloat16,
-        BLOCK=BLOCK,
-        RBLOCK=rblock,
-        num_warps=NUM_WARPS,
-        enable_fp_fusion=False,  # no fused multiply-add: every product rounds as in torch
-    )
+    with _on(grad.device):
+        _qrelu_bwd_kernel[(programs,)](
+            grad,
+            src,
+            y if y is not None else grad.new_empty(0),  # placeholders are never read: no bytes
+            alpha,
+            gx,
+            partials,
+            counter,
+            out,
+            n,
+            float(levels),
+            _ALPHA_FLOOR,
+            m0,
+            m1,
+            m2,
+            w_in,
+            w_above,
+            scale,
+            FROM_X=from_x,
+            GX=gx_kind,
+            ALPHA=alpha_kind,
+            OUT_BF16=grad.dtype == torch.bfloat16,
+            BLOCK=BLOCK,
+            RBLOCK=rblock,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,  # no fused multiply-add: every product rounds as in torch
+        )
     return gx, out
 
 
