@@ -126,9 +126,16 @@ MUTANTS = [
     Mutant(
         "blend-wrong-order",
         "lightning_ste/blend.py",
+        "torch._foreach_mul_(ws, 1 - r)\n        torch._foreach_add_(ws, torch._foreach_mul(qs, r))",
+        "torch._foreach_mul_(ws, r)\n        torch._foreach_add_(ws, torch._foreach_mul(qs, 1 - r))",
+        (SETTINGS + "::test_weight_setting_on_every_route",),
+    ),
+    Mutant(  # the single-tensor blend (taken under ModelPruning's mask)
+        "blend-wrong-order-single",
+        "lightning_ste/blend.py",
         "return latent.mul_(1 - rho).add_(quantized.to(latent.dtype) * rho)",
         "return latent.mul_(rho).add_(quantized.to(latent.dtype) * (1 - rho))",
-        (SETTINGS + "::test_weight_setting_on_every_route",),
+        ("tests/test_blend.py",),
     ),
     Mutant(
         "packed-load-lenient",
