@@ -271,6 +271,9 @@ class _OwnForwardTracer(fx.Tracer):
 
 def _wants_trace(m: nn.Module) -> bool:
     """Whether ``m``'s own forward may hold ReLU calls worth tracing (torch built-ins are leaves)."""
+    if isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward:
+        # Its forward calls the children in order: only ReLU children (maybe shared) make it worth a trace.
+        return any(isinstance(c, (nn.ReLU, nn.ReLU6)) for c in m.children())
     if isinstance(m, nn.Sequential):
         return True
     if isinstance(m, (QuantReLU, nn.ModuleList, nn.ModuleDict)) or parametrize.is_parametrized(m):
@@ -338,7 +341,9 @@ def _trace_own_forward(m: nn.Module) -> tuple[fx.Graph | None, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for training in (True, False):
+            # nn.Sequential's own forward never reads self.training: one trace is enough.
+            plain = isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
+            for training in (True,) if plain else (True, False):
                 m.train(training)
                 graphs.append(_OwnForwardTracer().trace(m))
     except Exception as err:  # noqa: BLE001 - any tracing failure leaves the module in float
@@ -358,7 +363,7 @@ def _trace_own_forward(m: nn.Module) -> tuple[fx.Graph | None, str]:
         return None, error
     if constants:
         return None, "its forward creates tensors while tracing (they would be frozen as constants)"
-    if _graph_key(graphs[0]) != _graph_key(graphs[1]):
+    if len(graphs) > 1 and _graph_key(graphs[0]) != _graph_key(graphs[1]):
         return None, "its forward depends on self.training (tracing would freeze one mode)"
     return graphs[0], ""
 
