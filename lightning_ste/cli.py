@@ -178,6 +178,9 @@ def _recipe_writing(checkpoint: str) -> str | None:
 # ----------------------------------------------------------------------------------------------- SIGTERM
 
 
+_PREEMPTION: dict[str, str] = {}  # the checkpoint SaveOnSigterm wrote in this process, for main's last words
+
+
 class SaveOnSigterm(Callback):
     """Save a checkpoint when the process gets SIGTERM (what SLURM and Kubernetes send before they kill a job).
 
@@ -207,7 +210,7 @@ class SaveOnSigterm(Callback):
             return
         path = self._path(trainer)
         trainer.save_checkpoint(path)
-        self.saved_path = path
+        self.saved_path = _PREEMPTION["checkpoint"] = path
         rank_zero_info(
             f"SIGTERM received: saved {path} (step {trainer.global_step}); the run stops after this batch. "
             f"Resume with the same command plus --ckpt_path {path}"
@@ -321,7 +324,7 @@ class LightningSTECLI(LightningCLI):
             "--compile",
             type=bool | str,
             default=False,
-            help="torch.compile the model: true (default backend, inductor) or a backend name; false: eager",
+            help="torch.compile the model's forward: true (inductor) or a backend name; false: eager",
         )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -406,11 +409,13 @@ class LightningSTECLI(LightningCLI):
         return trainer
 
     def _run_subcommand(self, subcommand: str) -> None:
-        original = self.model
         choice = self._get(self.config, "compile", default=False)
-        if choice not in (False, None, "false", "False"):
+        compiled = choice not in (False, None, "false", "False")
+        if compiled:
+            # The network's forward only (traced at its first call, after the callbacks converted the model):
+            # the steps' logging and metrics stay eager instead of breaking the graph.
             backend = "inductor" if choice in (True, "true", "True") else str(choice)
-            self.model = torch.compile(self.model, backend=backend)  # compiled lazily, after conversion
+            self.model.forward = torch.compile(self.model.forward, backend=backend)
         try:
             super()._run_subcommand(subcommand)
         except SIGTERMException:
@@ -421,7 +426,8 @@ class LightningSTECLI(LightningCLI):
                 raise
             raise RecipeError(str(root)) from err
         finally:
-            self.model = original
+            if compiled:
+                del self.model.forward  # back to the class's forward
 
     def after_fit(self) -> None:
         self.final_metrics = {
@@ -515,7 +521,11 @@ def main(args: Sequence[str] | None = None) -> None:
     try:
         run_cli(argv)
     except SIGTERMException:
-        print(f"{PROG}: stopped by SIGTERM", file=sys.stderr)
+        path = _PREEMPTION.pop("checkpoint", None)
+        resume = (
+            f"; resume with the same command plus --ckpt_path {path}" if path else " (no checkpoint saved)"
+        )
+        print(f"{PROG}: stopped by SIGTERM{resume}", file=sys.stderr)
         sys.exit(EXIT_SIGTERM)
     except Exception as err:
         if debug:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ste.cli import EXIT_SIGTERM, run_cli
+from lightning_ste.cli import EXIT_SIGTERM, main, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "synthetic" / "orthogonal_subspaces.yaml")
@@ -68,20 +68,13 @@ def fit_in_process(args: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, 
     return state, dict(cli.final_metrics), [str(w.message) for w in caught]
 
 
-def run_until_signal(args: list[str], signum: int, tmp_path: Path) -> subprocess.CompletedProcess:
+def signal_at(step: int, signum: int) -> str:
+    """The ``--trainer.callbacks+=`` argument of a callback that sends ``signum`` to its process at ``step``."""
     callback = {
         "class_path": "preempt_callbacks.SignalAt",
-        "init_args": {"step": KILL_STEP, "signum": signum},
+        "init_args": {"step": step, "signum": int(signum)},
     }
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
-    return subprocess.run(
-        [sys.executable, "-m", "lightning_ste.cli", *args, f"--trainer.callbacks+={json.dumps(callback)}"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return f"--trainer.callbacks+={json.dumps(callback)}"
 
 
 @pytest.fixture(scope="module")
@@ -102,31 +95,52 @@ def assert_same_run(resumed: tuple[dict, dict], reference: tuple[dict, dict]) ->
     assert metrics == ref_metrics and {"val/acc", "val/loss"} <= metrics.keys()
 
 
-@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "sigterm"])
-def test_preempted_cli_run_resumes_bit_identically(
-    signum: int, tmp_path: Path, uninterrupted: tuple[dict, dict]
-) -> None:
-    ckpt_dir = tmp_path / "ckpt"
-    proc = run_until_signal(fit_args(ckpt_dir), signum, tmp_path)
+def resume_and_compare(ckpt_dir: Path, uninterrupted: tuple[dict, dict]) -> None:
     last = ckpt_dir / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=False)
-    if signum == signal.SIGKILL:
-        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
-        assert saved["global_step"] == 28  # the last every-7-steps checkpoint before the kill
-    else:
-        # SIGTERM: the state at the end of the step it arrived in is saved, then the command exits 143.
-        assert proc.returncode == EXIT_SIGTERM, proc.stderr[-2000:]
-        assert saved["global_step"] == KILL_STEP
-        assert f"--ckpt_path {last}" in proc.stderr
     assert 0 < saved["global_step"] % STEPS_PER_EPOCH  # mid-epoch
-    assert (
-        saved["OrthogonalSubspacesDataModule"]["train_loader"]["served"]
-        == saved["global_step"] % STEPS_PER_EPOCH
-    )
-
+    position = saved["OrthogonalSubspacesDataModule"]["train_loader"]["served"]
+    assert position == saved["global_step"] % STEPS_PER_EPOCH
     state, metrics, messages = fit_in_process([*fit_args(ckpt_dir), "--ckpt_path", str(last)])
     assert not [m for m in messages if "not resumable" in m], messages
     assert_same_run((state, metrics), uninterrupted)
+
+
+def test_sigkilled_cli_run_resumes_bit_identically(tmp_path: Path, uninterrupted: tuple[dict, dict]) -> None:
+    ckpt_dir = tmp_path / "ckpt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lightning_ste.cli",
+            *fit_args(ckpt_dir),
+            signal_at(KILL_STEP, signal.SIGKILL),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    saved = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["global_step"] == 28  # the last every-7-steps checkpoint before the kill
+    resume_and_compare(ckpt_dir, uninterrupted)
+
+
+def test_sigterm_saves_the_step_it_arrives_in_and_exits_143(
+    tmp_path: Path, uninterrupted: tuple[dict, dict], capsys: pytest.CaptureFixture
+) -> None:
+    # In this process: Lightning's SIGTERM handler is real; the signal is sent by the run itself at step 31.
+    ckpt_dir = tmp_path / "ckpt"
+    with pytest.raises(SystemExit) as exit_:
+        main([*fit_args(ckpt_dir), signal_at(KILL_STEP, signal.SIGTERM)])
+    assert exit_.value.code == EXIT_SIGTERM
+    last = ckpt_dir / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == KILL_STEP
+    assert f"--ckpt_path {last}" in capsys.readouterr().err
+    resume_and_compare(ckpt_dir, uninterrupted)
 
 
 def test_recipe_loader_resumes_mid_epoch_and_at_epoch_end_in_the_uninterrupted_order() -> None:
