@@ -1,4 +1,4 @@
-"""Module surgery: find the ReLU call sites of any ``nn.Module`` and turn each into a QuantReLU, y = alpha * clamp(ceil(x / alpha), 0, L) (YLZ19).
+"""Module surgery: turn each ReLU call site of any ``nn.Module`` into a QuantReLU, alpha * clamp(ceil(x / alpha), 0, L).
 
 A *call site* is one place in some ``forward`` where a ReLU runs: an ``nn.ReLU`` module (in-place or not),
 one call of an ``nn.ReLU`` instance that is called at several places (torchvision's ``BasicBlock`` calls
@@ -11,6 +11,12 @@ whose ``forward`` is rewritten keeps its class, attributes and hooks: only its `
 the instance, by the code generated from the edited graph. A module that cannot be traced (data-dependent
 control flow, a ``forward`` that depends on ``self.training``, ...) is left in float with one warning that
 names it and says why; its ``nn.ReLU`` children are still converted, one quantizer per module.
+
+PyTorch's Transformer layers hold ``activation="relu"`` as the plain function ``F.relu``: each such layer's
+activation is a site too, and a converted layer runs with PyTorch's fused fast paths off. With
+``targets=("relu", "relu6")`` ReLU6 modules and ``F.relu6`` calls are sites as well (a staircase capped at 6).
+Tracing never changes the model: every attribute a forward assigns while traced is put back, and such a forward
+is not rewritten (torch.fx records no attribute assignment).
 
 The work is split in two: :func:`plan_activations` traces, names and selects without touching the model
 (errors are raised there), :func:`apply_plan` then commits the plan with plain attribute assignments.
