@@ -363,7 +363,7 @@ class LightningSTECLI(LightningCLI):
     @staticmethod
     def _check_devices(config: Any) -> None:
         trainer = config.get("trainer")
-        if trainer is None or torch.cuda.is_available():
+        if trainer is None or torch.cuda.is_available() or torch.backends.mps.is_available():
             return
         accelerator, devices = trainer.get("accelerator"), trainer.get("devices")
         precision, strategy = str(trainer.get("precision")), trainer.get("strategy")
@@ -380,7 +380,8 @@ class LightningSTECLI(LightningCLI):
             asked.append(f"strategy: {strategy}")
             fix.append("--trainer.strategy auto")
         raise RecipeError(
-            f"this recipe uses all GPUs ({', '.join(asked)}) and this machine has no GPU (CUDA). "
+            f"this recipe {'uses all GPUs' if wants_all else 'needs a GPU'} ({', '.join(asked)}) and this "
+            "machine has no GPU (CUDA). "
             f"On CPU pass `{' '.join(fix)}`"
         )
 
@@ -456,10 +457,10 @@ def _finish_wandb() -> None:
 
 @contextmanager
 def _argv(argv: Sequence[str]) -> Iterator[None]:
-    """``sys.argv`` as ``lightning-ste ARGV`` while LightningCLI reads it (it warns when given ``args`` as
-    well as a command line)."""
+    """``sys.argv`` as ``<this program> ARGV`` while LightningCLI reads it (it warns when given ``args`` as
+    well as a command line); ``sys.argv[0]`` is kept, Lightning's DDP launcher starts the workers with it."""
     saved = sys.argv
-    sys.argv = [PROG, *argv]
+    sys.argv = [saved[0] if saved else PROG, *argv]
     try:
         yield
     finally:
