@@ -19,8 +19,8 @@ from lightning_ste.cli import EXIT_SIGTERM, main, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "synthetic" / "orthogonal_subspaces.yaml")
-STEPS_PER_EPOCH = 20  # n_train 400 / batch 20; 2 epochs = 40 steps
-KILL_STEP = 31  # epoch 1, batch 11: after the step-28 checkpoint, before step 35's
+STEPS_PER_EPOCH = 10  # n_train 200 / batch 20; 2 epochs = 20 steps
+KILL_STEP = 15  # epoch 1, batch 5: after the step-12 checkpoint, before step 16's
 
 
 def fit_args(ckpt_dir: Path) -> list[str]:
@@ -41,7 +41,7 @@ def fit_args(ckpt_dir: Path) -> list[str]:
         "--trainer.max_epochs",
         "2",
         "--data.n_train",
-        "400",
+        "200",
         "--data.n_val",
         "100",
         "--data.batch_size",
@@ -53,7 +53,7 @@ def fit_args(ckpt_dir: Path) -> list[str]:
         "--checkpoint.monitor",
         "null",
         "--checkpoint.every_n_train_steps",
-        "7",
+        "4",
         "--checkpoint.save_top_k",
         "0",
     ]
@@ -125,14 +125,14 @@ def test_sigkilled_cli_run_resumes_bit_identically(tmp_path: Path, uninterrupted
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     saved = torch.load(ckpt_dir / "last.ckpt", map_location="cpu", weights_only=False)
-    assert saved["global_step"] == 28  # the last every-7-steps checkpoint before the kill
+    assert saved["global_step"] == 12  # the last every-4-steps checkpoint before the kill
     resume_and_compare(ckpt_dir, uninterrupted)
 
 
 def test_sigterm_saves_the_step_it_arrives_in_and_exits_143(
     tmp_path: Path, uninterrupted: tuple[dict, dict], capsys: pytest.CaptureFixture
 ) -> None:
-    # In this process: Lightning's SIGTERM handler is real; the signal is sent by the run itself at step 31.
+    # In this process: Lightning's SIGTERM handler is real; the signal is sent by the run itself at step 15.
     ckpt_dir = tmp_path / "ckpt"
     with pytest.raises(SystemExit) as exit_:
         main([*fit_args(ckpt_dir), signal_at(KILL_STEP, signal.SIGTERM)])
