@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,28 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _import_triton_for_the_interpreter() -> None:
+    # Without a GPU, tests/test_triton.py runs the Triton kernels in the interpreter. Triton decides at
+    # decoration time, also for its own library functions (tl.sum is @triton.jit): triton.language must first be
+    # imported with TRITON_INTERPRET=1, before any test module imports Lightning (which imports it too).
+    if os.environ.get("LIGHTNING_STE_TRITON_DEVICE", "cpu") != "cpu" or "triton.language" in sys.modules:
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from lightning_ste.kernels import backend
+
+        backend.triton_module()
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_import_triton_for_the_interpreter()
 
 _REPO = Path(__file__).resolve().parents[1]
 
