@@ -199,7 +199,7 @@ class Stepper:
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(row.optimizer)
-            # a step the scaler skips must not blend either (SPEC §3); timing runs never overflow here
+            # a step the scaler skips must not blend either (docs/math.md §3); timing runs never overflow here
             if row.after_backward is not None:
                 row.after_backward()
             self.scaler.step(row.optimizer)

@@ -39,7 +39,7 @@ def check_rho(rho: object, name: str = "rho") -> float:
 
 @torch.no_grad()
 def blend_(latent: Tensor, quantized: Tensor, rho: float | Tensor) -> Tensor:
-    """W <- (1 - ρ) W + ρ q(W), in place, in exactly that order of operations (SPEC §3 step 2; BCGD19).
+    """W <- (1 - ρ) W + ρ q(W), in place, in exactly that order of operations (docs/math.md §3 step 2; BCGD19).
 
     ``rho`` may be a 0-dim tensor on ``latent``'s device, which lets the caller switch the blend off
     (``rho = 0`` leaves ``W`` unchanged) without reading a value back to the host.

@@ -1,4 +1,4 @@
-"""The math of SPEC §1–2: quantized ReLU with STE backward, weight quantizers, half-Gaussian resolution.
+"""The math of docs/math.md §1–2: quantized ReLU with STE backward, weight quantizers, half-Gaussian resolution.
 
 Pure functions: no module state, no Lightning. The only package import is the STE registry.
 """
@@ -52,7 +52,7 @@ def check_bits(bits: object, name: str = "bits") -> int:
 
 
 def _alpha_grad_weights(alpha_grad: str, bits: int) -> tuple[float, float]:
-    """BCGD19 proxy d sigma / d alpha on the regions (0 < x <= L alpha, x > L alpha) (SPEC §1.2)."""
+    """BCGD19 proxy d sigma / d alpha on the regions (0 < x <= L alpha, x > L alpha) (docs/math.md §1.2)."""
     levels = 2**bits - 1
     return {
         "mean": (float(2 ** (bits - 1)), float(levels)),
@@ -268,7 +268,7 @@ def quantized_relu(
     alpha_lr_scale: float = 0.01,
     rounding: str = "ceil",
 ) -> Tensor:
-    """b-bit staircase ReLU with resolution alpha, trained with a coarse gradient (SPEC §1; YLZ19, BCGD19).
+    """b-bit staircase ReLU with resolution alpha, trained with a coarse gradient (docs/math.md §1; YLZ19, BCGD19).
 
     Forward (``rounding="ceil"``): 0 for x <= 0, ``alpha * ceil(x / alpha)`` up to ``L * alpha``,
     ``L = 2**bits - 1``; ``"nearest"`` uses ``alpha * clamp(round(x / alpha), 0, L)``. ``alpha`` is a
@@ -325,7 +325,7 @@ def weight_codes(
     ternary_scale: str = "twn",
     binary_scale: str = "mean",
 ) -> tuple[Tensor, Tensor]:
-    """Integer codes and scale of the SPEC §2 weight quantizer: ``q(W) = scale * codes`` (BCGD19).
+    """Integer codes and scale of the docs/math.md §2 weight quantizer: ``q(W) = scale * codes`` (BCGD19).
 
     ``codes`` holds signed integers (as ``w``'s dtype) in ``{-(2**(b-1)-1), ..., 2**(b-1)-1}`` (``{-1, 0, 1}``
     for bits 1 and 2); ``scale`` is a scalar, or one value per output channel (shape ``[C, 1, ...]``).
@@ -372,7 +372,7 @@ def quantize_weight(
     binary_scale: str = "mean",
     out: Tensor | None = None,
 ) -> Tensor:
-    """Quantized weights q(W) (SPEC §2, BCGD19): binary (bits=1), ternary TWN (2), symmetric b-bit (>=3).
+    """Quantized weights q(W) (docs/math.md §2, BCGD19): binary (bits=1), ternary TWN (2), symmetric b-bit (>=3).
 
     The gradient reaches ``w`` straight through (identity), as the coarse gradient of BCGD19 needs.
     ``out``: a tensor like ``w`` to write q(W) into instead of allocating one (the result aliases it).
@@ -482,12 +482,12 @@ _PUBLISHED_RESOLUTION = {(1, "nearest"): 1.2221, (2, "nearest"): 0.6511, (4, "ne
 
 @cache
 def half_gaussian_resolution(bits: int, rounding: str = "nearest") -> float:
-    """MSE-optimal step alpha of the b-bit quantized ReLU for unit half-Gaussian input (SPEC §1.3; YLZ19).
+    """MSE-optimal step alpha of the b-bit quantized ReLU for unit half-Gaussian input (docs/math.md §1.3; YLZ19).
 
     ``argmin_alpha E[(x - sigma(x))^2]``, ``x ~ |N(0, 1)|``: 1.2221 (b=1), 0.6511 (b=2), 0.1946 (b=4) with
     nearest rounding (the papers' values); other cases in closed form per interval, minimised by
     golden-section search. The quantizers start from the nearest-rounding value whatever their own rounding,
-    as the papers' code does with its ceil quantizer (SPEC §1.3); the ceil optimum is smaller (0.4866, b=2).
+    as the papers' code does with its ceil quantizer (docs/math.md §1.3); the ceil optimum is smaller (0.4866, b=2).
     """
     check_bits(bits)
     check_choice("rounding", rounding, ROUNDINGS)

@@ -109,7 +109,7 @@ class QuantReLU(nn.Module):
 
 
 class WeightQuantizer(nn.Module):
-    """Parametrization ``W -> q(W)`` of SPEC §2 with a straight-through gradient to ``W`` (BCGD19)."""
+    """Parametrization ``W -> q(W)`` of docs/math.md §2 with a straight-through gradient to ``W`` (BCGD19)."""
 
     def __init__(
         self, bits: int = 1, per_channel: bool = False, ternary_scale: str = "twn", binary_scale: str = "mean"

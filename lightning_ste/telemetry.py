@@ -65,7 +65,7 @@ def _replicated_histogram(index: Tensor, bins: int) -> Tensor:
 
 @torch.no_grad()
 def level_counts(x: Tensor, alpha: Tensor, bits: int, rounding: str = "ceil") -> tuple[Tensor, Tensor]:
-    """Counts of ``x`` on each level ``0..L`` of the b-bit quantized ReLU, and of ``x > L * alpha`` (SPEC §1).
+    """Counts of ``x`` on each level ``0..L`` of the b-bit quantized ReLU, and of ``x > L * alpha`` (docs/math.md §1).
 
     The level of an element is the ``k`` of ``sigma(x) = k * alpha`` (``ceil(x / alpha)`` or nearest,
     clamped to ``0..L``), computed in float32 like the forward; NaN counts on no level. Both results are

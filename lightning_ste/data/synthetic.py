@@ -1,4 +1,4 @@
-"""Synthetic data: orthogonal subspaces (LYX21, SPEC §4) and teacher-student Gaussian data (YLZ19 §3.1)."""
+"""Synthetic data: orthogonal subspaces (LYX21, docs/math.md §4) and teacher-student Gaussian data (YLZ19 §3.1)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ __all__ = [
 def orthogonal_subspaces(
     num_classes: int, dim: int, n: int, generator: torch.Generator
 ) -> tuple[Tensor, Tensor]:
-    """``n`` points of R^(K*d): class k lives in coordinates ``k*d .. (k+1)*d - 1``, N(0, I_d) there (SPEC §4).
+    """``n`` points of R^(K*d): class k lives in coordinates ``k*d .. (k+1)*d - 1``, N(0, I_d) there (docs/math.md §4).
 
     The classes are zero-mean and their subspaces mutually orthogonal, so no linear classifier separates
     them while a two-linear-layer network with a (quantized) ReLU can (LYX21's setting; the exact data is ours).
@@ -41,7 +41,7 @@ def teacher_student(
 
 
 class OrthogonalSubspacesDataModule(ResumableTrainData, pl.LightningDataModule):
-    """K classes in mutually orthogonal d-dim subspaces of R^(K*d), Gaussian inside each (LYX21, SPEC §4).
+    """K classes in mutually orthogonal d-dim subspaces of R^(K*d), Gaussian inside each (LYX21, docs/math.md §4).
 
     Validation uses a second sample of the same law, or with ``val_on_train=True`` the training sample itself,
     so that ``val/acc`` is the training accuracy (in eval mode) that LYX21 proves reachable (100%) for

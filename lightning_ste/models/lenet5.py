@@ -11,7 +11,7 @@ class LeNet5(nn.Module):
     """LeNet-5 (6-16-120-84) for 28x28 inputs; ``BatchNorm(affine=False)`` before every ReLU (YLZ19).
 
     The affine-free BatchNorm keeps each activation's input near N(0, 1), the assumption behind the fixed
-    resolution alpha of SPEC §1.3. Every ReLU is its own module so each call site gets its own quantizer.
+    resolution alpha of docs/math.md §1.3. Every ReLU is its own module so each call site gets its own quantizer.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1):

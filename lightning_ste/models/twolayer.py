@@ -11,7 +11,7 @@ class TwoLayer(nn.Module):
     """Two linear layers with a ReLU between them (LYX21); the ReLU is what ``QuantizeActivations`` quantizes.
 
     ``batch_norm=True`` puts an affine-free BatchNorm before the ReLU so its input is about N(0, 1) and the
-    fixed resolution of SPEC §1.3 applies (YLZ19's device, ours for this network).
+    fixed resolution of docs/math.md §1.3 applies (YLZ19's device, ours for this network).
     """
 
     def __init__(
