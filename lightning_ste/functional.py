@@ -331,8 +331,12 @@ def weight_codes(
     for bits 1 and 2); ``scale`` is a scalar, or one value per output channel (shape ``[C, 1, ...]``).
     """
     dims = _reduce_dims(w, per_channel)
-    if bits == 1 and binary_scale == "mean" and dims is None and _kernels.weights_usable(w):
-        return torch.sign(w), _kernels.abs_mean(w)  # one read instead of |W| then its mean
+    if bits == 1 and binary_scale == "mean" and dims is None:
+        if _kernels.weights_usable(w):
+            return torch.sign(w), _kernels.abs_mean(w)  # one read instead of |W| then its mean
+        if not torch.compiler.is_compiling():
+            # The scale WeightQuantizer's device path computes, to the last bit (export and summary match it).
+            return torch.sign(w), binary_mean_scales([w])[0]
     mag = w.abs()
     sign = torch.sign(w)  # sign(0) = 0, as in the BCGD19 code
     if bits == 1:
@@ -410,11 +414,17 @@ def binary_weight_multi(ws: Sequence[Tensor]) -> list[Tensor]:
     multiply per tensor. The device path of binary per-tensor weights, one tensor or many: the same values."""
     ws = list(ws)
     with torch.no_grad():
-        scales = torch._foreach_norm(ws, 1)
-        torch._foreach_div_(scales, [float(max(w.numel(), 1)) for w in ws])
         qs = torch._foreach_sign(ws)
-        torch._foreach_mul_(qs, scales)
+        torch._foreach_mul_(qs, binary_mean_scales(ws))
     return qs
+
+
+def binary_mean_scales(ws: Sequence[Tensor]) -> list[Tensor]:
+    """``||W||_1 / n`` (mean|W|, the binary scale of BCGD19) of every ``W`` in two multi-tensor ops, no autograd."""
+    with torch.no_grad():
+        scales = torch._foreach_norm(list(ws), 1)
+        torch._foreach_div_(scales, [float(max(w.numel(), 1)) for w in ws])
+    return list(scales)
 
 
 def straight_through(w: Tensor, q: Tensor) -> Tensor:

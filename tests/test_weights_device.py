@@ -206,3 +206,18 @@ def test_prepared_q_is_what_the_forward_uses_and_launches_do_not_grow(device_pat
     with torch.no_grad():
         w.mul_(-1.0)  # the optimizer step: the prepared q is stale now
     assert torch.equal(q(w), torch.sign(w) * binary_weight_multi([w.detach()])[0].abs())
+
+
+def test_exported_binary_scale_is_the_device_forwards_to_the_last_bit(device_path: None) -> None:
+    """weight_codes (export, summary, quantize_weight) and the device forward's multi-tensor q(W) agree bit for
+    bit; a plain mean|W| differs from ||W||_1 / n in the last bit for many tensors, so a frozen or packed model
+    would drift from the trained one."""
+    from lightning_ste.functional import quantize_weight, weight_codes
+
+    torch.manual_seed(3)
+    ws = [torch.randn(97, 61) * 0.1 for _ in range(8)]
+    assert any(w.abs().mean() != torch._foreach_norm([w], 1)[0] / w.numel() for w in ws)  # the trap is real
+    for w, q_device in zip(ws, binary_weight_multi(ws)):
+        codes, scale = weight_codes(w, bits=1)
+        assert torch.equal(codes * scale, q_device)
+        assert torch.equal(quantize_weight(w, bits=1), q_device)
