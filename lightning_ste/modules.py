@@ -99,7 +99,12 @@ class QuantReLU(nn.Module):
         return {"calibrated_batches": self.calibrated_batches}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.calibrated_batches = int(state.get("calibrated_batches", 0))
+        if not isinstance(state, dict) or set(state) != {"calibrated_batches"}:
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"QuantReLU extra state must have exactly the key ['calibrated_batches'], got {keys}"
+            )
+        self.calibrated_batches = int(state["calibrated_batches"])
 
     def extra_repr(self) -> str:
         return (

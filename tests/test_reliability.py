@@ -266,6 +266,25 @@ def test_restores_are_strict_a_missing_and_an_unexpected_key_fail(mnist_root, tm
     with pytest.raises(ValueError, match=r"exactly the keys \['epoch', 'rho'\], got \['epochs', 'rho'\]"):
         quiet_fit(trainer, TinyNet(), train_loader(mnist_root), ckpt_path=tmp_path / "bad_callback.ckpt")
 
+    ckpt = torch.load(uninterrupted["step4"], weights_only=False)
+    (key,) = [k for k in ckpt["callbacks"] if k.startswith("QuantizeActivations")]
+    state = ckpt["callbacks"][key]
+    state["site_names"] = state.pop("sites")
+    torch.save(ckpt, tmp_path / "bad_activations.ckpt")
+    trainer = make_trainer(tmp_path, quant_callbacks(), max_steps=8)
+    with pytest.raises(
+        ValueError, match=r"exactly the keys \['arguments', 'sites'\], got \['arguments', 'site_names'\]"
+    ):
+        quiet_fit(trainer, TinyNet(), train_loader(mnist_root), ckpt_path=tmp_path / "bad_activations.ckpt")
+
+    ckpt = torch.load(uninterrupted["step4"], weights_only=False)
+    extra = [k for k in ckpt["state_dict"] if k.endswith("_extra_state")]
+    assert extra, "the QuantReLUs store their calibration count as extra state"
+    ckpt["state_dict"][extra[0]] = {"calibrated": 1}
+    torch.save(ckpt, tmp_path / "bad_extra.ckpt")
+    with pytest.raises(ValueError, match=r"exactly the key \['calibrated_batches'\], got \['calibrated'\]"):
+        lightning_ste.load_from_checkpoint(TinyNet, tmp_path / "bad_extra.ckpt")
+
 
 class CrashAt(pl.Callback):
     """Raises from ``on_train_batch_end`` once ``global_step`` reaches ``step``."""

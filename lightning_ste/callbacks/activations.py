@@ -216,7 +216,12 @@ class QuantizeActivations(Callback):
         return {"arguments": copy.deepcopy(self._arguments), "sites": list(self.sites)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        sites = list(state_dict.get("sites", []))
+        if not isinstance(state_dict, dict) or set(state_dict) != {"arguments", "sites"}:
+            keys = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise ValueError(
+                f"QuantizeActivations state must have exactly the keys ['arguments', 'sites'], got {keys}"
+            )
+        sites = list(state_dict["sites"])
         if self.sites and sites and sites != self.sites:
             rank_zero_warn(
                 f"QuantizeActivations: the checkpoint was made with sites {sites}, this run converted {self.sites}."
