@@ -1,4 +1,4 @@
-"""The BCGD blend and ρ schedule (SPEC §3; BCGD19), and weight conversion on plain modules."""
+"""The BCGD blend and ρ schedule (docs/math.md §3; BCGD19), and weight conversion on plain modules."""
 
 from __future__ import annotations
 

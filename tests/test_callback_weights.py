@@ -77,7 +77,7 @@ def simulate(
     accumulate: int = 1,
     batch_size: int = 4,
 ) -> dict[str, torch.Tensor]:
-    """Plain PyTorch SPEC §3: forward/backward at q(W), W~ = (1-ρ)W + ρ q(W), then the optimizer steps from W~."""
+    """Plain PyTorch docs/math.md §3: forward/backward at q(W), W~ = (1-ρ)W + ρ q(W), then the optimizer steps from W~."""
     p = {
         k: v.detach().clone().requires_grad_(v.is_floating_point())
         for k, v in init.items()

@@ -1,4 +1,4 @@
-"""quantized_relu, quantize_weight and half_gaussian_resolution against float64 references of SPEC §1–2."""
+"""quantized_relu, quantize_weight and half_gaussian_resolution against float64 references of docs/math.md §1–2."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from lightning_ste.functional import (
 BUILTIN_STES = ("identity", "relu", "clipped_relu", "log_tailed_relu")
 
 
-# ------------------------------------------------------------------ independent float64 reference (SPEC §1)
+# ------------------------------------------------------------------ independent float64 reference (docs/math.md §1)
 
 
 def ref_forward(x: torch.Tensor, alpha: float, bits: int, rounding: str) -> torch.Tensor:
@@ -52,7 +52,7 @@ def ref_ste(x: torch.Tensor, alpha: float, bits: int, name: str) -> torch.Tensor
 
 
 def ref_alpha_proxy(x: torch.Tensor, alpha: float, bits: int, mode: str, rounding: str) -> torch.Tensor:
-    """Per-element d~sigma/d alpha of SPEC §1.2 by region."""
+    """Per-element d~sigma/d alpha of docs/math.md §1.2 by region."""
     x = x.double()
     a = max(alpha, 1e-3)
     levels = 2**bits - 1
