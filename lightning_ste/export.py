@@ -37,7 +37,7 @@ _FROZEN_ATTR = "_lightning_ste_frozen_weights"
 class FrozenQuantReLU(nn.Module):
     """Inference-only b-bit quantized ReLU with constant alpha: ``alpha * clamp(ceil(x / alpha), 0, L)``.
 
-    The forward of :class:`~lightning_ste.QuantReLU` (SPEC §1; YLZ19, BCGD19) written with plain tensor ops
+    The forward of :class:`~lightning_ste.QuantReLU` (docs/math.md §1; YLZ19, BCGD19) written with plain tensor ops
     (div, ceil or round, clamp, mul), so tracing exporters see ordinary operators; alpha is a buffer.
     """
 
