@@ -22,6 +22,11 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 _IDLE_USE_COUNT = 2
 
 
+def _kept_for(entry: tuple[weakref.ref, int, Tensor] | None, w: Tensor) -> Tensor | None:
+    """The tensor kept in ``entry`` for ``w`` if ``w`` is that same tensor, unchanged since (same version)."""
+    return entry[2] if entry is not None and entry[0]() is w and entry[1] == w._version else None
+
+
 class QuantReLU(nn.Module):
     """b-bit staircase ReLU with resolution ``alpha`` and a straight-through backward (YLZ19, BCGD19).
 
@@ -137,10 +142,10 @@ class WeightQuantizer(nn.Module):
             return F_ste.quantize_weight(
                 w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale
             )
-        known = self._q
-        if known is not None and known[0]() is w and known[1] == w._version:
+        known = _kept_for(self._q, w)
+        if known is not None:
             # q(W) of this same, unchanged W: prepared for this step by prepare_weights_, or an earlier forward
-            return F_ste.straight_through(w, known[2])
+            return F_ste.straight_through(w, known)
         self._q = None  # the last forward's q(W) (its storage may be reused below)
         out = self._free_out(w)
         if F_ste.one_pass_binary(w, self.bits, self.per_channel, self.binary_scale):
@@ -177,10 +182,8 @@ class WeightQuantizer(nn.Module):
     def for_blend(self, w: Tensor) -> Tensor:
         """q(W) for the BCGD blend: the last training forward's when ``w`` is the same tensor, unchanged since
         (same version counter); else computed now. The same values either way."""
-        known, self._q = self._q, None
-        if known is not None and known[0]() is w and known[1] == w._version:
-            return known[2]
-        return self.quantize(w)
+        known, self._q = _kept_for(self._q, w), None
+        return known if known is not None else self.quantize(w)
 
     def fused_blend_(self, w: Tensor, rho: float | Tensor) -> bool:
         """Blend ``w`` in place in one pass when the fused CPU kernels handle it (binary, mean scale, per
@@ -189,9 +192,7 @@ class WeightQuantizer(nn.Module):
             w, self.bits, self.per_channel, self.binary_scale
         ):
             return False
-        known = self._scale
-        scale = known[2] if known is not None and known[0]() is w and known[1] == w._version else None
-        self._scale = None  # W changes now
+        scale, self._scale = _kept_for(self._scale, w), None  # W changes now
         _kernels.binary_blend_(w, rho, scale)
         return True
 
@@ -253,8 +254,7 @@ def prepare_weights_(pairs: Iterable[tuple[WeightQuantizer, Tensor]]) -> None:
     for quantizer, w in pairs:
         if not w.requires_grad or w.is_inference() or not quantizer.multi_binary(w):
             continue
-        known = quantizer._q
-        if known is not None and known[0]() is w and known[1] == w._version:
+        if _kept_for(quantizer._q, w) is not None:
             continue  # already prepared for this W (another micro-batch of the same optimizer step)
         groups.setdefault((w.device, w.dtype), []).append((quantizer, w))
     for group in groups.values():

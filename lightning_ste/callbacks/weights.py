@@ -17,7 +17,6 @@ from lightning_ste.blend import (
     RhoSchedule,
     RhoScheduleArg,
     bcgd_blend_,
-    blend_,
     grads_finite,
     scaler_found_inf,
 )
@@ -401,11 +400,6 @@ class _BlendTarget:
     def __call__(self, w: Tensor) -> Tensor:
         mask = pruning_mask(self.chain)
         return self.quantizer.quantize(w if mask is None else w * mask)
-
-    def blend_(self, w: Tensor, rho: float | Tensor) -> Tensor:
-        if pruning_mask(self.chain) is None:
-            return self.quantizer.blend_(w, rho)
-        return blend_(w, self(w), rho)
 
     def fused_blend_(self, w: Tensor, rho: float | Tensor) -> bool:
         return pruning_mask(self.chain) is None and self.quantizer.fused_blend_(w, rho)
