@@ -8,7 +8,7 @@ input. They are C++ (AVX-512 / AVX2 where the CPU has it, plain C++ otherwise), 
 build directory of their own per environment (interpreter and torch), one process building while the others
 wait on a file lock; when the build fails (no compiler) :func:`available` is False and the eager path runs instead.
 
-Set ``LIGHTNING_STE_KERNELS=0`` to never build or use them.
+Set ``LIGHTNING_STE_KERNELS=eager`` (or ``0``) to never build or use them.
 """
 
 from __future__ import annotations
@@ -474,7 +474,9 @@ def available() -> bool:
         return bool(ok)
     with _lock:
         if "ok" not in _state:
-            if os.environ.get("LIGHTNING_STE_KERNELS", "1").strip().lower() in ("0", "eager"):
+            from lightning_ste.kernels.backend import setting  # the one parser of LIGHTNING_STE_KERNELS
+
+            if setting() == "eager":
                 _state["ok"] = False
             else:
                 try:

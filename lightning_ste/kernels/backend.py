@@ -32,7 +32,6 @@ BACKENDS = ("auto", "eager", "cpu", "triton")
 _ALIASES = {"0": "eager", "1": "auto", "": "auto"}
 ENV = "LIGHTNING_STE_KERNELS"
 
-_CPU_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _triton: dict[str, object] = {}
 _capabilities: dict[int, tuple[int, int]] = {}
 
@@ -98,7 +97,7 @@ def triton_usable(x: Tensor, ste_name: str = "clipped_relu") -> bool:
 def _cpu_problem(x: Tensor, ste_name: str) -> str | None:
     if x.device.type != "cpu":
         return f"the CPU kernels run on CPU tensors, got a {x.device.type} tensor"
-    if x.dtype not in _CPU_DTYPES:
+    if x.dtype not in _kernels._DTYPES:
         return f"the CPU kernels handle floating-point tensors, got {x.dtype}"
     if _ste.get(ste_name).regions is None:
         return f"the CPU kernels handle region-constant STEs (identity, relu, clipped_relu), not {ste_name!r}"
