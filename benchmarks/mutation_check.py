@@ -78,7 +78,7 @@ MUTANTS = [
     # checkpoints loaded non-strictly
     Mutant(
         "strict-load",
-        "lightning_ste/checkpoint.py",
+        "lightning_ste/recipe.py",
         'model.load_state_dict(checkpoint["state_dict"], strict=True)',
         'model.load_state_dict(checkpoint["state_dict"], strict=False)',
         ("tests/test_reliability.py::test_restores_are_strict_a_missing_and_an_unexpected_key_fail",),

@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from lightning_ste import functional, ste
+from lightning_ste import functional
+from lightning_ste.quantizers import ste
 from lightning_ste.modules import QuantReLU, WeightQuantizer
 
 __version__ = "0.1.0"
@@ -20,7 +21,7 @@ _LAZY = {
     "BlendedQuantWeights": "lightning_ste.callbacks.weights",
     "quantize_activations_": "lightning_ste.convert",
     "quantize_weights_": "lightning_ste.weights",
-    "load_from_checkpoint": "lightning_ste.checkpoint",
+    "load_from_checkpoint": "lightning_ste.recipe",
     "summary": "lightning_ste.model_summary",
     "QuantSummary": "lightning_ste.model_summary",
     "QuantTelemetry": "lightning_ste.telemetry",

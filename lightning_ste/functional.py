@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lightning_ste import _kernels
-from lightning_ste import ste as _ste
+from lightning_ste.quantizers import ste as _ste
 from lightning_ste.kernels import backend as _backend
 
 __all__ = [

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lightning_ste import ste as ste_registry
+from lightning_ste.quantizers import ste as ste_registry
 from lightning_ste.functional import (
     ALPHA_GRADS,
     ROUNDINGS,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lightning_ste import _kernels
 from lightning_ste import functional as F_ste
-from lightning_ste import ste as ste_registry
+from lightning_ste.quantizers import ste as ste_registry
 from lightning_ste.functional import ALPHA_GRADS, ROUNDINGS, quantize_weight, quantized_relu
 from lightning_ste.kernels import backend
 from lightning_ste.modules import WeightQuantizer

@@ -258,7 +258,7 @@ def test_named_triton_backend_raises_instead_of_falling_back(monkeypatch: pytest
         backend.backend_for(x.double())
     with pytest.raises(RuntimeError, match="Triton kernels run on CUDA tensors"):
         backend.backend_for(torch.empty(3, device="meta"))
-    from lightning_ste import ste as ste_registry
+    from lightning_ste.quantizers import ste as ste_registry
 
     monkeypatch.setitem(
         ste_registry._REGISTRY, "test_soft", ste_registry.STE("test_soft", lambda x, t: x, None, True)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_ste import _kernels
-from lightning_ste import ste as _ste
+from lightning_ste.quantizers import ste as _ste
 
 __all__ = ["BACKENDS", "backend_for", "setting", "triton_module", "triton_usable"]
 

@@ -1,0 +1,1 @@
+"""The math, no Lightning: STE registry, quantized ReLU, weight quantizers, the half-Gaussian resolution."""
