@@ -16,7 +16,7 @@ from torch.nn.utils import parametrize
 
 from lightning_ste.modules import QuantReLU, WeightQuantizer
 
-__all__ = ["QuantizedLayer", "activation_sites", "quantized_layers", "weight_quantizer"]
+__all__ = ["QuantizedLayer", "activation_sites", "quantized_layers", "weight_chain", "weight_quantizer"]
 
 
 class QuantizedLayer(NamedTuple):
@@ -28,7 +28,7 @@ class QuantizedLayer(NamedTuple):
     quantizer: WeightQuantizer
 
 
-def _weight_chain(layer: nn.Module) -> parametrize.ParametrizationList | None:
+def weight_chain(layer: nn.Module) -> parametrize.ParametrizationList | None:
     """``layer.parametrizations.weight``, or None when ``weight`` is not parametrized."""
     if not parametrize.is_parametrized(layer, "weight"):
         return None
@@ -38,7 +38,7 @@ def _weight_chain(layer: nn.Module) -> parametrize.ParametrizationList | None:
 
 def weight_quantizer(layer: nn.Module) -> WeightQuantizer | None:
     """The :class:`WeightQuantizer` that is ``layer.weight``'s whole parametrization, or None."""
-    chain = _weight_chain(layer)
+    chain = weight_chain(layer)
     # The blend W <- (1-ρ)W + ρ q(W) and the packed codes are only defined when q is the whole chain.
     if chain is not None and len(chain) == 1 and isinstance(chain[0], WeightQuantizer):
         return chain[0]
@@ -51,7 +51,7 @@ def quantized_layers(model: nn.Module) -> Iterator[QuantizedLayer]:
         quantizer = weight_quantizer(layer)
         if quantizer is not None:
             # While torch.nn.utils.prune holds the latent, ``original`` is the masked W ⊙ M (a plain Tensor).
-            yield QuantizedLayer(name, layer, _weight_chain(layer).original, quantizer)  # type: ignore[union-attr]
+            yield QuantizedLayer(name, layer, weight_chain(layer).original, quantizer)  # type: ignore[union-attr]
 
 
 def activation_sites(model: nn.Module) -> Iterator[tuple[str, QuantReLU]]:

@@ -10,8 +10,9 @@ from torch import nn
 
 from lightning_ste.blend import RhoSchedule, bcgd_blend_, blend_, check_rho, grads_finite
 from lightning_ste.functional import quantize_weight
+from lightning_ste.inspect import quantized_layers
 from lightning_ste.modules import WeightQuantizer
-from lightning_ste.weights import apply_recipe, plan_weights, quantize_weights_, quantized_layers
+from lightning_ste.surgery.weight_params import apply_recipe, plan_weights, quantize_weights_
 
 
 def test_blend_is_the_convex_combination_in_float64() -> None:

@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ste import BlendedQuantWeights
 from lightning_ste.functional import weight_codes
-from lightning_ste.weights import apply_recipe, quantized_layers
+from lightning_ste.inspect import quantized_layers
+from lightning_ste.surgery.weight_params import apply_recipe
 
 TRAINER_KW: dict[str, Any] = dict(
     accelerator="cpu",

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_ste
 from lightning_ste import QuantReLU
-from lightning_ste.convert import format_plan, plan_activations
 from lightning_ste.export import load_packed, save_packed
-from lightning_ste.weights import plan_weights
+from lightning_ste.surgery.activation_plan import plan_activations
+from lightning_ste.surgery.weight_params import plan_weights
 
 
 @pytest.fixture(autouse=True)
@@ -344,7 +344,7 @@ class Activations(nn.Module):
 def test_relu6_opt_in_is_a_staircase_capped_at_6_and_the_rest_is_listed():
     x = torch.linspace(-3, 12, 301)
     model = Activations()
-    plan = format_plan(plan_activations(model))
+    plan = plan_activations(model).format()
     assert "Stays float (4)" in plan and "act6 (nn.ReLU6): ReLU6 is not in `targets`" in plan
     assert "leaky (nn.LeakyReLU)" in plan and "clamp(min=0) in <root>.forward" in plan
     default = copy.deepcopy(model)

@@ -30,7 +30,7 @@ from torchvision.datasets import MNIST
 import lightning_ste
 from lightning_ste import BlendedQuantWeights, QuantizeActivations, QuantReLU
 from lightning_ste.functional import ALPHA_FLOOR
-from lightning_ste.weights import quantized_layers
+from lightning_ste.inspect import quantized_layers
 
 BATCH = 32
 EPOCH_BATCHES = 3  # an epoch is 3 optimizer steps, so step 4 is in the middle of the second epoch

@@ -3,8 +3,9 @@
 Both callbacks take references to the model in their own ``setup``: SWA deep-copies it, ModelPruning lists
 ``(module, "weight")`` pairs. A conversion in a later ``setup`` hook invalidates both (SWA then averages
 mismatched tensors; pruning a parametrized ``weight`` fails with a TypeError, and auto-discovery skips it).
-The functions here repair those references; they use ModelPruning's documented-by-code attributes
-(``_parameters_to_prune``, ``_original_layers``), so tests/test_reliability.py pins the behaviour.
+The functions here repair those references. ModelPruning's public ``filter_parameters_to_prune`` runs only
+inside its own ``setup``, before a later conversion, so its entries are read and written through
+:mod:`lightning_ste._compat` (tests/test_compat.py and tests/test_reliability.py pin the behaviour).
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeight
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 from torch.nn.utils import parametrize
+
+from lightning_ste._compat import (
+    buffer_slots,
+    parameter_slots,
+    pruning_entries,
+    pruning_original_layers,
+    pruning_parameter_names,
+    set_pruning_entries,
+)
 
 __all__ = [
     "LATENT_NAME",
@@ -97,15 +107,17 @@ def recopy_earlier_swa(trainer: pl.Trainer, pl_module: pl.LightningModule, me: C
 
 def latent_parameter(chain: nn.Module) -> nn.Parameter:
     """The float latent W of a parametrization chain, also while torch.nn.utils.prune holds it as ``original_orig``."""
-    param = chain._parameters.get(LATENT_NAME)
+    params = parameter_slots(chain)
+    param = params.get(LATENT_NAME)
     if param is None:
-        param = chain._parameters[LATENT_NAME + "_orig"]
-    return param  # type: ignore[return-value]
+        param = params[LATENT_NAME + "_orig"]
+    assert param is not None, "a parametrization chain always holds its latent"
+    return param
 
 
 def pruning_mask(chain: nn.Module) -> torch.Tensor | None:
     """The pruning mask of the latent W, or None when it is not pruned."""
-    return chain._buffers.get(LATENT_NAME + "_mask")
+    return buffer_slots(chain).get(LATENT_NAME + "_mask")
 
 
 def _pruners(trainer: pl.Trainer) -> list[ModelPruning]:
@@ -115,7 +127,7 @@ def _pruners(trainer: pl.Trainer) -> list[ModelPruning]:
 def auto_pruners_after(trainer: pl.Trainer, me: Callback) -> list[ModelPruning]:
     """ModelPruning callbacks set up after ``me`` that will discover their parameters themselves."""
     before = {id(cb) for cb in _earlier(trainer, me)}
-    return [cb for cb in _pruners(trainer) if id(cb) not in before and not cb._parameters_to_prune]
+    return [cb for cb in _pruners(trainer) if id(cb) not in before and not pruning_entries(cb)]
 
 
 def retarget_pruning(
@@ -130,13 +142,13 @@ def retarget_pruning(
     """
     undo: dict[int, list[tuple[int, nn.Module]]] = {}
     for cb in _pruners(trainer):
-        entries: list[tuple[nn.Module, str]] = list(cb._parameters_to_prune)
+        entries = pruning_entries(cb)
         changed: list[tuple[int, nn.Module]] = []
         for i, (module, name) in enumerate(entries):
             if name == "weight" and id(module) in layers:
                 entries[i] = (module.parametrizations.weight, LATENT_NAME)  # type: ignore[union-attr]
                 changed.append((i, module))
-        if id(cb) in auto and "weight" in cb._parameter_names:
+        if id(cb) in auto and "weight" in pruning_parameter_names(cb):
             held = {id(m) for m, _ in entries}
             for layer in layers.values():
                 chain = layer.parametrizations.weight  # type: ignore[union-attr]
@@ -145,16 +157,16 @@ def retarget_pruning(
                     changed.append((len(entries) - 1, layer))
         if not changed:
             continue
-        cb._parameters_to_prune = entries
-        if cb._original_layers is not None:
-            _retarget_lottery_ticket(cb, changed)
+        set_pruning_entries(cb, entries)
+        refs = pruning_original_layers(cb)
+        if refs is not None:
+            _retarget_lottery_ticket(refs, changed)
         undo[id(cb)] = changed
     return undo
 
 
-def _retarget_lottery_ticket(cb: ModelPruning, changed: list[tuple[int, nn.Module]]) -> None:
-    """Point the lottery-ticket copies of the retargeted entries at the latent W's initial value."""
-    refs: dict[int, Any] = cb._original_layers  # type: ignore[assignment]
+def _retarget_lottery_ticket(refs: dict[int, Any], changed: list[tuple[int, nn.Module]]) -> None:
+    """Point the lottery-ticket copies (``refs``) of the retargeted entries at the latent W's initial value."""
     for i, layer in changed:
         ref = refs.get(id(layer))
         if ref is not None:
@@ -178,8 +190,8 @@ def restore_pruning(trainer: pl.Trainer, undo: dict[int, list[tuple[int, nn.Modu
         changed = undo.get(id(cb))
         if not changed:
             continue
-        entries = list(cb._parameters_to_prune)
+        entries = pruning_entries(cb)
         for i, layer in changed:
             if i < len(entries) and entries[i][1] == LATENT_NAME:
                 entries[i] = (layer, "weight")
-        cb._parameters_to_prune = entries
+        set_pruning_entries(cb, entries)

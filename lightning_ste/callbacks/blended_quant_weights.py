@@ -1,4 +1,8 @@
-"""BlendedQuantWeights: binary / ternary / b-bit weights trained with blended coarse gradient descent (BCGD19)."""
+"""BlendedQuantWeights: binary / ternary / b-bit weights trained with blended coarse gradient descent (BCGD19).
+
+Lifecycle only: the conversion is :mod:`lightning_ste.surgery.weight_params`, the blend step
+:mod:`lightning_ste.blend` (docs/math.md).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
+from typing_extensions import override
 
+from lightning_ste import recipe as recipe_store
+from lightning_ste._compat import apply_batch_transfer, attached_trainer, stage_data_loader
 from lightning_ste.blend import (
     RhoSchedule,
     RhoScheduleArg,
@@ -30,19 +37,16 @@ from lightning_ste.callbacks._interop import (
     restore_pruning,
     retarget_pruning,
 )
-from lightning_ste.modules import prepare_weights_
-from lightning_ste.weights import (
-    DEFAULT_LAYER_TYPES,
+from lightning_ste.config import DEFAULT_LAYER_TYPES, WeightQuantConfig, check_bool
+from lightning_ste.inspect import quantized_layers, weight_chain
+from lightning_ste.modules import WeightQuantizer, prepare_weights_
+from lightning_ste.surgery.lazy import lazy_modules
+from lightning_ste.surgery.weight_params import (
     RECIPE_KIND,
-    RECIPES_ATTR,
-    apply_plan,
-    check_weight_args,
-    convert_sites_,
+    WeightPlan,
+    follow_sites_,
     has_weights_recipe,
-    lazy_modules,
     plan_weights,
-    quantized_layers,
-    remove_quantization_,
     set_quantizer_arguments_,
 )
 
@@ -96,16 +100,22 @@ class BlendedQuantWeights(Callback):
         binary_scale: str = "mean",
         dry_run: bool = False,
     ) -> None:
-        self._include, self._exclude, self._layer_types = check_weight_args(
-            bits, per_channel, ternary_scale, binary_scale, keep_first_last, include, exclude, layer_types
+        self.config = WeightQuantConfig(
+            bits=bits,
+            include=include,
+            exclude=exclude,
+            keep_first_last=keep_first_last,
+            per_channel=per_channel,
+            ternary_scale=ternary_scale,
+            binary_scale=binary_scale,
+            layer_types=layer_types,
         )
         self._schedule = RhoSchedule(rho, rho_schedule)
-        if not isinstance(dry_run, bool):
-            raise ValueError(f"`dry_run` must be a bool, got {dry_run!r}")
-        self.bits, self.per_channel, self.keep_first_last = bits, per_channel, keep_first_last
-        self.ternary_scale, self.binary_scale, self.dry_run = ternary_scale, binary_scale, dry_run
+        self.dry_run = check_bool("dry_run", dry_run)
         self._load_hook: RemovableHandle | None = None
-        self._applied = False  # this setup converted the model: undone if the run fails before training
+        self._plan: WeightPlan | None = (
+            None  # this setup's conversion, undone if the run fails before training
+        )
         self._layers: list[tuple[Tensor, Callable[[Tensor], Tensor]]] = []
         self._per_optimizer: dict[
             int, tuple[tuple[int, int], list[tuple[Tensor, Callable[[Tensor], Tensor]]]]
@@ -118,10 +128,17 @@ class BlendedQuantWeights(Callback):
         """The ρ of the current epoch."""
         return self._schedule.rho
 
+    @property
+    @override
+    def state_key(self) -> str:
+        # One per Trainer (its state is the ρ schedule): the class name, the key of earlier checkpoints.
+        return self._generate_state_key()
+
     # ------------------------------------------------------------------------------------- lifecycle
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._applied = False
+        self._plan = None
         # Layers built in configure_model (which Lightning calls after every setup) are converted right after it.
         after_configure_model(pl_module, lambda: self._convert(trainer, pl_module, stage))
         if self.dry_run:
@@ -141,70 +158,69 @@ class BlendedQuantWeights(Callback):
         elif self.dry_run:
             # Lazy modules are initialised on a copy: a dry run leaves the model exactly as it was.
             target = copy.deepcopy(pl_module) if lazy_modules(pl_module) else pl_module
-            plan = self._plan(trainer, target, stage)
-            rank_zero_info(plan.format("BlendedQuantWeights (dry run, nothing changed)"))
+            rank_zero_info(self._planned(trainer, target, stage).format(dry_run=True))
         else:
-            plan = self._plan(trainer, pl_module, stage)
-            apply_plan(pl_module, plan)
-            self._applied = True
-            rank_zero_info(plan.format("BlendedQuantWeights"))
+            plan = self._planned(trainer, pl_module, stage)
+            plan.apply(pl_module)
+            self._plan = plan
+            rank_zero_info(plan.format())
             recopy_earlier_swa(trainer, pl_module, self, stage)
 
+    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        stored = [
-            r
-            for r in (checkpoint.get("lightning_ste") or {}).get("recipes") or []
-            if r.get("kind") == RECIPE_KIND
-        ]
-        recipes = getattr(pl_module, RECIPES_ATTR, None)
-        if self.dry_run or not stored or recipes is None:
+        stored = recipe_store.recipes_of(checkpoint, RECIPE_KIND)
+        if self.dry_run or not stored or not recipe_store.recipes_on(pl_module):
             return
-        mine = [r for r in recipes if r.get("kind") == RECIPE_KIND]
-        if stored == mine:
+        if stored == recipe_store.recipes_on(pl_module, RECIPE_KIND):
             return
         # The quantizers hold no tensors, so adopting the stored arguments after the weights loaded is exact.
         for recipe in stored:
             set_quantizer_arguments_(pl_module, recipe["arguments"], recipe["sites"])
-        at = next((i for i, r in enumerate(recipes) if r.get("kind") == RECIPE_KIND), len(recipes))
-        recipes[:] = [r for r in recipes if r.get("kind") != RECIPE_KIND]
-        recipes[at:at] = copy.deepcopy(stored)
+        recipe_store.replace(pl_module, RECIPE_KIND, stored)
+        if self._plan is not None:
+            # This setup's plan recorded the only weights recipe (a module holding one is not converted).
+            self._plan.record_change(lambda: recipe_store.replace(pl_module, RECIPE_KIND, []))
         rank_zero_warn(
             "BlendedQuantWeights: the checkpoint's weights recipe overrides this callback's arguments: "
             f"{[r['arguments'] for r in stored]}"
         )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._applied = False
+        self._plan = None
         if self.dry_run:
             return
         # Every setup hook has run: ModelPruning's (layer, "weight") entries now become the latent W.
         layers = {id(layer): layer for _, layer, _, _ in quantized_layers(pl_module)}
         self._pruning_undo = retarget_pruning(trainer, layers, self._auto_pruners)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # One entry per latent: layers sharing a weight (tied) share it and its quantizer, blended once.
         latents: dict[int, tuple[Tensor, Callable[[Tensor], Tensor]]] = {}
         for _, layer, _, q in quantized_layers(pl_module):
-            latent = latent_parameter(layer.parametrizations.weight)
-            latents.setdefault(id(latent), (latent, _BlendTarget(layer.parametrizations.weight, q)))
+            chain = _chain(layer)
+            latents.setdefault(id(latent_parameter(chain)), (latent_parameter(chain), _BlendTarget(chain, q)))
         self._layers = list(latents.values())
         self._per_optimizer.clear()
         trained = {id(p) for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]}
         idle = [
             name
             for name, layer, _, _ in quantized_layers(pl_module)
-            if id(latent_parameter(layer.parametrizations.weight)) not in trained
+            if id(latent_parameter(_chain(layer))) not in trained
         ]
         if idle:
             rank_zero_warn(
                 f"BlendedQuantWeights: latent weights of {idle} are in no optimizer: not trained or blended"
             )
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._schedule.start_epoch(trainer.current_epoch)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -214,6 +230,7 @@ class BlendedQuantWeights(Callback):
                 (target.quantizer, w) for w, target in self._layers if pruning_mask(target.chain) is None
             )
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
     ) -> None:
@@ -238,74 +255,59 @@ class BlendedQuantWeights(Callback):
                 finite = grads_finite(p for group in optimizer.param_groups for p in group["params"])
         bcgd_blend_(layers, rho, finite)
 
+    @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        recipes = getattr(pl_module, RECIPES_ATTR, None)
-        if recipes:
-            checkpoint["lightning_ste"] = {"recipes": copy.deepcopy(recipes)}
+        recipe_store.write(pl_module, checkpoint)
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         # A failure before training starts (another callback's setup, restoring ckpt_path) leaves the model as
         # it was given, not half-converted; once fit has started, the converted model is the run's state.
         cancel_after_configure_model(pl_module)
-        if self._applied:
-            # This setup found no quantized weights, so none is the state to go back to (a checkpoint's recipe
-            # may have changed the layers since).
-            self._applied = False
-            remove_quantization_(pl_module)
-            recipes = getattr(pl_module, RECIPES_ATTR, [])
-            recipes[:] = [r for r in recipes if r.get("kind") != RECIPE_KIND]
-            if not recipes:
-                pl_module.__dict__.pop(RECIPES_ATTR, None)
+        if self._plan is not None:
+            # The plan recorded the checkpoint's changes to its layers and recipe too: revert undoes them all.
+            self._plan.revert()
+            self._plan = None
             self._remove_load_hook()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._applied = False
+        self._plan = None
         cancel_after_configure_model(pl_module)
         self._remove_load_hook()
         restore_pruning(trainer, self._pruning_undo)
         self._pruning_undo = {}
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return self._schedule.state_dict()
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._schedule.load_state_dict(state_dict)
 
     # --------------------------------------------------------------------------------------- helpers
 
-    def _plan(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str):
+    def _planned(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> WeightPlan:
         # The probe input serves keep_first_last and lazy modules (nn.LazyLinear, ...), which get their shapes
         # from one forward.
-        needs_probe = self.keep_first_last or bool(lazy_modules(pl_module))
+        needs_probe = self.config.keep_first_last or bool(lazy_modules(pl_module))
         example = self._example_input(trainer, pl_module, stage) if needs_probe else None
-        return plan_weights(
-            pl_module,
-            bits=self.bits,
-            include=self._include,
-            exclude=self._exclude,
-            keep_first_last=self.keep_first_last,
-            per_channel=self.per_channel,
-            ternary_scale=self.ternary_scale,
-            binary_scale=self.binary_scale,
-            layer_types=self._layer_types,
-            example_input=example,
-        )
+        plan = plan_weights(pl_module, self.config, example_input=example)
+        plan.title = "BlendedQuantWeights"
+        return plan
 
     @staticmethod
     def _example_input(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Any:
         """Model input for the keep_first_last probe: ``example_input_array``, else the first batch's input."""
         if pl_module.example_input_array is not None:
             return pl_module.example_input_array
-        loop = getattr(trainer, _STAGE_LOOPS.get(str(stage), "fit_loop"), None)
-        source = getattr(loop, "_data_source", None)
-        loader = None
-        if source is not None and source.instance is not None and source.is_defined():
-            loader = source.dataloader()
-        elif trainer.datamodule is not None and stage == "fit":
+        loader = stage_data_loader(trainer, _STAGE_LOOPS.get(str(stage), "fit_loop"))
+        if loader is None and trainer.datamodule is not None and stage == "fit":
             loader = trainer.datamodule.train_dataloader()
         while isinstance(loader, (list, tuple)) and loader:
             loader = loader[0]
@@ -319,7 +321,7 @@ class BlendedQuantWeights(Callback):
             )
         # The batch the model will see: through the same transfer hooks (a data module's on_after_batch_transfer
         # may normalise uint8 images, as ImageNetDataModule does).
-        batch = pl_module._apply_batch_transfer_handler(next(iter(loader)))
+        batch = apply_batch_transfer(pl_module, next(iter(loader)))
         if isinstance(batch, Tensor):
             return batch
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
@@ -356,7 +358,7 @@ class BlendedQuantWeights(Callback):
         ]
         if set(stored) == set(current):
             return
-        trainer = getattr(module, "_trainer", None)
+        trainer = attached_trainer(module)
         if not stored:
             if trainer is not None and trainer.state.fn == "fit":
                 raise ValueError(
@@ -378,23 +380,27 @@ class BlendedQuantWeights(Callback):
                 f"the checkpoint quantizes the weights of {sorted(stored)} but this run quantizes {sorted(current)}, "
                 "and the optimizers already exist: construct BlendedQuantWeights with the checkpoint's arguments"
             )
-        arguments = {"bits": self.bits, "per_channel": self.per_channel}
-        arguments |= {"ternary_scale": self.ternary_scale, "binary_scale": self.binary_scale}
-        remove_quantization_(module, [n for n in current if n not in stored])
-        convert_sites_(module, [n for n in stored if n not in current], arguments)
-        mine = [r for r in getattr(module, RECIPES_ATTR, None) or [] if r.get("kind") == RECIPE_KIND]
-        if len(mine) == 1:
-            mine[0]["sites"] = list(stored)  # on_load_checkpoint then puts the stored recipe in its place
+        if self._plan is not None:
+            self._plan.follow_(module, stored)  # recorded in the plan, so a failing run reverts it too
+        else:
+            follow_sites_(module, stored, self.config)
         rank_zero_warn(
             f"BlendedQuantWeights: following the checkpoint, the quantized layers are {stored} (this callback's "
             f"arguments selected {current})"
         )
 
 
+def _chain(layer: nn.Module) -> nn.Module:
+    """``layer.parametrizations.weight`` of a quantized layer."""
+    chain = weight_chain(layer)
+    assert chain is not None, "only layers of quantized_layers() are passed"
+    return chain
+
+
 class _BlendTarget:
     """q of the weight the model uses: q(W ⊙ M) while ModelPruning holds a mask M on the latent W."""
 
-    def __init__(self, chain: nn.Module, quantizer: Any) -> None:
+    def __init__(self, chain: nn.Module, quantizer: WeightQuantizer) -> None:
         self.chain, self.quantizer = chain, quantizer
 
     def __call__(self, w: Tensor) -> Tensor:
