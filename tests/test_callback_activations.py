@@ -21,6 +21,7 @@ from torchvision.datasets import MNIST
 
 import lightning_ste
 from lightning_ste import QuantizeActivations, QuantReLU
+from lightning_ste.recipe import recipes_on
 
 # ------------------------------------------------------------------------------------------------- data
 
@@ -419,7 +420,7 @@ def test_learned_alpha_is_added_to_a_hand_written_optimizer_once(mnist_root):
         trainer.fit(model, loader(mnist_root, 128, 64))
     assert not any("in no optimizer param group" in str(w.message) for w in again)
     assert len(trainer.optimizers[0].param_groups) == 2
-    assert len(model._lightning_ste_recipes) == 1 and sorted(quantizers(model)) == sorted(MIXED_SITES)
+    assert len(recipes_on(model)) == 1 and sorted(quantizers(model)) == sorted(MIXED_SITES)
 
 
 @pytest.mark.parametrize(
@@ -476,7 +477,7 @@ def test_bad_selection_fails_at_setup_and_leaves_the_model_unchanged(mnist_root,
     with pytest.raises(ValueError, match=match):
         trainer.fit(model, loader(mnist_root, 64, 64))
     assert list(model.state_dict()) == keys and repr(model) == text and not quantizers(model)
-    assert not hasattr(model, "_lightning_ste_recipes") and "forward" not in model.__dict__
+    assert not recipes_on(model) and "forward" not in model.__dict__
     assert torch.equal(model(x), y)
 
 
@@ -532,7 +533,7 @@ def test_callback_state_and_checkpoint_recipe(mnist_root, tmp_path):
     state = checkpoint["callbacks"][callback.state_key]
     assert state["sites"] == ["body.relu_fx_0", "body.relu_fx_1", "body.relu_fx_2"]
     assert state["arguments"]["include"] == ["body.*"]
-    assert checkpoint["lightning_ste"]["recipes"] == model._lightning_ste_recipes
+    assert checkpoint["lightning_ste"]["recipes"] == recipes_on(model)
     assert QuantizeActivations(bits=2).state_key != callback.state_key
 
 
@@ -547,7 +548,7 @@ def test_together_with_blended_quant_weights_in_either_order(mnist_root, tmp_pat
         callbacks=[weights, acts] if weights_first else [acts, weights], limit_train_batches=3
     )
     trainer.fit(model, loader(mnist_root, 192, 64))
-    kinds = [r["kind"] for r in model._lightning_ste_recipes]
+    kinds = [r["kind"] for r in recipes_on(model)]
     assert kinds == (["weights", "activations"] if weights_first else ["activations", "weights"])
     assert sorted(quantizers(model)) == sorted(MIXED_SITES)
     assert torch.nn.utils.parametrize.is_parametrized(model.body.conv1)

@@ -14,7 +14,8 @@ from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from lightning_ste import QuantReLU, quantize_activations_
-from lightning_ste.convert import apply_recipe, format_plan, plan_activations
+from lightning_ste.recipe import recipes_on
+from lightning_ste.surgery.activation_plan import apply_recipe, plan_activations
 
 _RELU_CALLS = {F.relu, torch.relu, torch.relu_, torch.Tensor.relu, torch.Tensor.relu_}
 
@@ -149,7 +150,7 @@ def test_recipe_rebuilds_the_same_model():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     quantize_activations_(model, bits=2, exclude="layer4.*")
-    (recipe,) = model._lightning_ste_recipes
+    (recipe,) = recipes_on(model)
     assert recipe["kind"] == "activations" and recipe["version"] == 1
     assert recipe["arguments"]["bits"] == 2 and recipe["arguments"]["exclude"] == ["layer4.*"]
     assert len(recipe["sites"]) == 13
@@ -308,7 +309,7 @@ def test_dry_run_prints_the_plan_and_changes_nothing(capsys):
     before = _snapshot(m)
     sites = quantize_activations_(m, bits=2, alpha="calibrate", exclude="seq.*", dry_run=True)
     assert sites == [s for s in EXPECTED_SITES if s != "seq.1"]
-    assert _snapshot(m) == before and not hasattr(m, "_lightning_ste_recipes")
+    assert _snapshot(m) == before and not recipes_on(m)
     out = capsys.readouterr().out
     assert "would convert 11 ReLU call site(s)" in out
     assert "shared_1" in out and "call 2/2 of shared shared" in out
@@ -318,5 +319,5 @@ def test_dry_run_prints_the_plan_and_changes_nothing(capsys):
 
 def test_plan_lists_untraced_modules():
     plan = plan_activations(nn.Sequential(DataDependent()), alpha=0.3)
-    text = format_plan(plan)
+    text = plan.format()
     assert "alpha=fixed 0.3" in text and "Not traced" in text and "0 (DataDependent)" in text
