@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from lightning_ste.blend import bcgd_blend_, blend_, grads_finite  # noqa: E402
 from lightning_ste.functional import quantize_weight, quantized_relu_unchecked  # noqa: E402
-from lightning_ste.modules import WeightQuantizer, prepare_weights_  # noqa: E402
+from lightning_ste.quantizers.weight import WeightQuantizer, prepare_weights_  # noqa: E402
 
 # Ops that launch nothing: allocation and metadata only (views are found with OpOverload.is_view).
 _NO_LAUNCH = {

@@ -1,6 +1,6 @@
 """Build the fused CPU kernels from scratch in N processes at once and check that exactly one builds.
 
-Each process imports the package from this checkout, calls ``_kernels.available()`` (which builds on first
+Each process imports the package from this checkout, calls ``cpu_kernels.available()`` (which builds on first
 use) and runs one quantized ReLU through the kernels. A fresh temporary TORCH_EXTENSIONS_DIR makes the build
 real (about a minute of one core). Prints each process's exit code, seconds, and how many printed the
 "building" log line; exits 1 unless every process succeeded and exactly one built.
@@ -23,9 +23,9 @@ _REPO = Path(__file__).resolve().parents[1]
 _CHILD = """
 import time, torch
 t0 = time.perf_counter()
-from lightning_ste import _kernels
+from lightning_ste.kernels import cpu as cpu_kernels
 from lightning_ste.functional import quantized_relu
-assert _kernels.available(), "kernels not built"
+assert cpu_kernels.available(), "kernels not built"
 x = torch.randn(4, 8, 5, 5, requires_grad=True)
 y = quantized_relu(x, torch.tensor(0.25), bits=2, ste="clipped_relu")
 y.sum().backward()

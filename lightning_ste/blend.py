@@ -1,4 +1,4 @@
-"""The BCGD step (BCGD19): blend latent weights towards their quantization, and the ρ schedule.
+"""The BCGD step (BCGD19, docs/math.md §3): blend latent weights towards their quantization, and the ρ schedule.
 
 Pure tensor code, no Lightning: :class:`~lightning_ste.callbacks.weights.BlendedQuantWeights` calls it from
 ``on_before_optimizer_step``, and a plain PyTorch loop can call it the same way.
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 from torch import Tensor
+
+from lightning_ste._compat import foreach_add_, foreach_mul, foreach_mul_
 
 __all__ = [
     "RhoSchedule",
@@ -26,15 +28,15 @@ __all__ = [
 RhoScheduleArg = None | tuple[float, float] | Sequence[float] | Callable[[int], float]
 
 
-def _is_number(value: object) -> bool:
+def _is_number(value: object) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_rho(rho: object, name: str = "rho") -> float:
     """Validate a blending parameter: a finite number in [0, 1]."""
-    if not _is_number(rho) or not math.isfinite(rho) or not 0.0 <= rho <= 1.0:  # type: ignore[arg-type]
+    if not _is_number(rho) or not math.isfinite(rho) or not 0.0 <= rho <= 1.0:
         raise ValueError(f"`{name}` must be a number in [0, 1], got {rho!r}")
-    return float(rho)  # type: ignore[arg-type]
+    return float(rho)
 
 
 @torch.no_grad()
@@ -64,7 +66,7 @@ def grads_finite(params: Iterable[Tensor]) -> Tensor | None:
 
 @torch.no_grad()
 def multi_blend_(latents: Sequence[Tensor], quantized: Sequence[Tensor], rho: float | Tensor) -> None:
-    """W_i <- (1 - ρ) W_i + ρ q_i for every pair, as multi-tensor (``torch._foreach_*``) ops (BCGD19).
+    """W_i <- (1 - ρ) W_i + ρ q_i for every pair, as multi-tensor (foreach) ops (BCGD19).
 
     Three foreach ops per (device, dtype) group however many tensors: on CUDA a handful of kernel launches
     instead of several per layer. Each element rounds exactly as :func:`blend_`
@@ -84,8 +86,8 @@ def multi_blend_(latents: Sequence[Tensor], quantized: Sequence[Tensor], rho: fl
         qs.append(q if q.dtype == w.dtype else q.to(w.dtype))
     for (device, dtype), (ws, qs) in groups.items():
         r = rho.to(device=device, dtype=dtype) if isinstance(rho, Tensor) else rho
-        torch._foreach_mul_(ws, 1 - r)
-        torch._foreach_add_(ws, torch._foreach_mul(qs, r))
+        foreach_mul_(ws, 1 - r)
+        foreach_add_(ws, foreach_mul(qs, r))
 
 
 def scaler_found_inf(scaler: object, optimizer: torch.optim.Optimizer) -> Tensor | None:
@@ -95,7 +97,7 @@ def scaler_found_inf(scaler: object, optimizer: torch.optim.Optimizer) -> Tensor
     ``scaler.step`` skips the step exactly when this is nonzero, so the blend can follow it without
     another pass over every gradient.
     """
-    states = getattr(scaler, "_per_optimizer_states", None)
+    states = _scaler_optimizer_states(scaler)
     state = states.get(id(optimizer)) if isinstance(states, dict) else None
     per_device = state.get("found_inf_per_device") if isinstance(state, dict) else None
     if not per_device:
@@ -106,6 +108,11 @@ def scaler_found_inf(scaler: object, optimizer: torch.optim.Optimizer) -> Tensor
     return torch.stack([f.to(flags[0].device) for f in flags]).sum()
 
 
+def _scaler_optimizer_states(scaler: object) -> Any:  # TODO(_compat): move to _compat.grad_scaler_states
+    """The GradScaler's per-optimizer state dict (keyed by ``id(optimizer)``), or None."""
+    return getattr(scaler, "_per_optimizer_states", None)
+
+
 @torch.no_grad()
 def bcgd_blend_(
     layers: Iterable[tuple[Tensor, Callable[[Tensor], Tensor]]], rho: float, finite: Tensor | None = None
@@ -113,7 +120,7 @@ def bcgd_blend_(
     """Blend every latent ``W`` of ``layers`` ``(W, q)`` as W <- (1 - ρ) W + ρ q(W) (BCGD19), each once.
 
     ``q`` is a callable ``W -> q(W)``. One with a ``fused_blend_(W, rho) -> bool`` method (a
-    :class:`~lightning_ste.modules.WeightQuantizer`) may blend W itself in one pass (the CPU kernels); one with a
+    :class:`~lightning_ste.quantizers.weight.WeightQuantizer`) may blend W itself in one pass (the CPU kernels); one with a
     ``for_blend(W)`` method gives q(W) from its last forward when W is unchanged since. The rest are blended
     together with :func:`multi_blend_`. ``finite`` (from :func:`grads_finite` or ``scaler_found_inf == 0``):
     when False the step is one the GradScaler skips, and the blend is skipped too. On the CPU it is read
@@ -196,9 +203,9 @@ class RhoSchedule:
         """Advance to the start of ``epoch`` and return its ρ; a repeated start (resumed mid-epoch) changes nothing."""
         if self.fn is not None:
             self.rho = self._call(epoch)
-        elif self.rate is not None and epoch > self.epoch:
+        elif self.rate is not None and self.max is not None and epoch > self.epoch:  # set together
             for _ in range(epoch - self.epoch):
-                self.rho = min(self.rho * self.rate, self.max)  # type: ignore[type-var]
+                self.rho = min(self.rho * self.rate, self.max)
         self.epoch = max(self.epoch, epoch)
         return self.rho
 

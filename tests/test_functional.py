@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from lightning_ste.quantizers import ste as ste_registry
 from lightning_ste.functional import (
     ALPHA_GRADS,
     ROUNDINGS,
@@ -17,6 +16,7 @@ from lightning_ste.functional import (
     quantized_relu,
     weight_codes,
 )
+from lightning_ste.quantizers import ste as ste_registry
 
 BUILTIN_STES = ("identity", "relu", "clipped_relu", "log_tailed_relu")
 

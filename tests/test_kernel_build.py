@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from lightning_ste import _kernels
+from lightning_ste.kernels import cpu as cpu_kernels
 
 
 def test_build_name_is_keyed_by_environment() -> None:
-    here = _kernels.environment_key()
-    assert _kernels.build_name() == _kernels.build_name(here)
+    here = cpu_kernels.environment_key()
+    assert cpu_kernels.build_name() == cpu_kernels.build_name(here)
     # Another interpreter prefix with the same torch version must not share (and rebuild) this build.
     other = here.replace(os.sep, os.sep + "other-venv" + os.sep, 1)
     assert other != here
-    assert _kernels.build_name(other) != _kernels.build_name(here)
+    assert cpu_kernels.build_name(other) != cpu_kernels.build_name(here)
 
 
 def _stand_in_build(artifact: str, log: str) -> str:
@@ -37,7 +37,7 @@ def _stand_in_build(artifact: str, log: str) -> str:
 def _child(directory: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
     artifact, log = os.path.join(directory, "ext.so"), os.path.join(directory, "builds.log")
     barrier.wait()  # both processes reach build_once together
-    got = _kernels.build_once(directory, artifact, lambda: _stand_in_build(artifact, log), "the stand-in")
+    got = cpu_kernels.build_once(directory, artifact, lambda: _stand_in_build(artifact, log), "the stand-in")
     results.put(got)
 
 
@@ -59,9 +59,9 @@ def test_concurrent_builders_wait_for_one_build(tmp_path: Path) -> None:
 
 def test_first_build_says_so_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     artifact, log = str(tmp_path / "ext.so"), str(tmp_path / "builds.log")
-    with caplog.at_level(logging.INFO, logger=_kernels.__name__):
+    with caplog.at_level(logging.INFO, logger=cpu_kernels.__name__):
         for _ in range(2):
-            _kernels.build_once(
+            cpu_kernels.build_once(
                 str(tmp_path), artifact, lambda: _stand_in_build(artifact, log), "the stand-in"
             )
     lines = [r.getMessage() for r in caplog.records]

@@ -1,4 +1,4 @@
-"""The backends of quantized_relu: the eager torch formula and the fused CPU kernels of lightning_ste._kernels.
+"""The backends of quantized_relu: the eager torch formula and the fused CPU kernels of lightning_ste.kernels.cpu.
 
 Both are checked against the float64 oracle of tests/reference.py (bit for bit for values and grad_x, to
 summation order for the alpha gradient), so the eager formula is checked even where the CPU kernels cannot
@@ -17,15 +17,15 @@ import reference as ref
 import torch
 import torch.nn.functional as F
 
-from lightning_ste import _kernels
 from lightning_ste import functional as F_ste
-from lightning_ste.quantizers import ste as ste_registry
 from lightning_ste.functional import ALPHA_GRADS, ROUNDINGS, quantize_weight, quantized_relu
 from lightning_ste.kernels import backend
-from lightning_ste.modules import WeightQuantizer
+from lightning_ste.kernels import cpu as cpu_kernels
+from lightning_ste.quantizers import ste as ste_registry
+from lightning_ste.quantizers.weight import WeightQuantizer
 
 needs_kernels = pytest.mark.skipif(
-    not _kernels.available(), reason="fused CPU kernels could not be built here"
+    not cpu_kernels.available(), reason="fused CPU kernels could not be built here"
 )
 
 REGION_STES = ("identity", "relu", "clipped_relu")
@@ -43,8 +43,8 @@ def _run(
         saved.append(t)
         return t
 
-    previous = _kernels._state.get("ok")
-    _kernels._state["ok"] = fast
+    previous = cpu_kernels._state.get("ok")
+    cpu_kernels._state["ok"] = fast
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             y = quantized_relu(
@@ -52,7 +52,7 @@ def _run(
             )
         y.backward(torch.ones_like(y) if g is None else g)
     finally:
-        _kernels._state["ok"] = previous
+        cpu_kernels._state["ok"] = previous
     return y.detach(), xi.grad, a.grad, saved
 
 
@@ -110,8 +110,8 @@ def test_packed_code_matches_torch_reference() -> None:
     for n in (0, 1, 7, 8, 9, 63, 64, 65, 1000, 4099):
         x = torch.randn(n) * 2
         a = torch.tensor(0.2)
-        y, code = _kernels.relu_forward(x, a, 15, False)
-        assert torch.equal(code, _kernels.code_planes(x, a * 15)), n
+        y, code = cpu_kernels.relu_forward(x, a, 15, False)
+        assert torch.equal(code, cpu_kernels.code_planes(x, a * 15)), n
 
 
 @needs_kernels
@@ -175,14 +175,14 @@ def test_bf16_autocast_on_cpu_matches_eager() -> None:
     for fast in (True, False):
         a = torch.tensor(0.1946, requires_grad=True)
         conv.zero_grad()
-        previous = _kernels._state.get("ok")
-        _kernels._state["ok"] = fast
+        previous = cpu_kernels._state.get("ok")
+        cpu_kernels._state["ok"] = fast
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 y = quantized_relu(conv(x), a, 4)
             y.float().square().sum().backward()
         finally:
-            _kernels._state["ok"] = previous
+            cpu_kernels._state["ok"] = previous
         outs.append((y.detach(), conv.weight.grad.clone(), a.grad))
     assert outs[0][0].dtype == torch.bfloat16
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -236,8 +236,8 @@ def test_binary_weight_kernels_match_eager(dtype: torch.dtype) -> None:
         w = torch.randn(shape, generator=gen, dtype=dtype)
         w.view(-1)[0] = 0.0
         mean = w.abs().mean()
-        torch.testing.assert_close(_kernels.abs_mean(w), mean, rtol=1e-6, atol=0)
-        q = _kernels.sign_scale(w, mean)
+        torch.testing.assert_close(cpu_kernels.abs_mean(w), mean, rtol=1e-6, atol=0)
+        q = cpu_kernels.sign_scale(w, mean)
         assert torch.equal(q, torch.sign(w) * mean)
         torch.testing.assert_close(F_ste.quantize_weight(w, 1), torch.sign(w) * mean, rtol=1e-6, atol=0)
         codes, scale = F_ste.weight_codes(w, 1)
@@ -246,7 +246,7 @@ def test_binary_weight_kernels_match_eager(dtype: torch.dtype) -> None:
     special = torch.tensor([float("nan"), 0.0, -0.0, 2.0, -3.0, float("inf")], dtype=dtype)
     for w in (special, special[1:5]):
         expected = torch.sign(w) * w.abs().mean()
-        got = _kernels.sign_scale(w, _kernels.abs_mean(w))
+        got = cpu_kernels.sign_scale(w, cpu_kernels.abs_mean(w))
         assert torch.equal(got.isnan(), expected.isnan())
         assert torch.equal(got.nan_to_num(), expected.nan_to_num())
 
@@ -269,9 +269,9 @@ def test_binary_blend_matches_eager_formula(dtype: torch.dtype) -> None:
     for rho in (1e-5, 0.01, 0.5, 1.0):
         w = torch.randn(37, 129, generator=gen, dtype=dtype)
         w[0, :3] = 0.0
-        q = torch.sign(w) * _kernels.abs_mean(w)
+        q = torch.sign(w) * cpu_kernels.abs_mean(w)
         expected = w.clone().mul_(1 - rho).add_(q * rho)
-        got = _kernels.binary_blend_(w, rho)
+        got = cpu_kernels.binary_blend_(w, rho)
         assert got is w
         assert torch.equal(got, expected)
 
@@ -428,7 +428,7 @@ def test_dispatch_setting_values(monkeypatch: pytest.MonkeyPatch) -> None:
     assert backend.backend_for(x) == "eager"
     monkeypatch.setenv("LIGHTNING_STE_KERNELS", "auto")
     # auto on a CPU tensor: the CPU kernels where built, never the Triton interpreter
-    assert backend.backend_for(x) == ("cpu" if _kernels.available() else "eager")
+    assert backend.backend_for(x) == ("cpu" if cpu_kernels.available() else "eager")
     assert backend.backend_for(torch.empty(3, device="meta")) == "eager"
     monkeypatch.setenv("LIGHTNING_STE_KERNELS", "gpu")
     with pytest.raises(ValueError, match="LIGHTNING_STE_KERNELS='gpu'; allowed: auto, eager, cpu, triton"):
@@ -442,7 +442,7 @@ def test_named_cpu_backend_raises_instead_of_falling_back(monkeypatch: pytest.Mo
     with pytest.raises(RuntimeError, match="region-constant STEs"):
         quantized_relu(torch.randn(4), torch.tensor(0.2), 4, ste="log_tailed_relu")
     # the kernels not built (or failed to build): a clear error, not the eager path
-    monkeypatch.setitem(_kernels._state, "ok", False)
+    monkeypatch.setitem(cpu_kernels._state, "ok", False)
     with pytest.raises(RuntimeError, match="could not be built"):
         quantized_relu(torch.randn(4), torch.tensor(0.2), 4)
     assert ste_registry.get("clipped_relu").regions == (0.0, 1.0, 0.0)

@@ -14,10 +14,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_ste import BlendedQuantWeights, _kernels
+from lightning_ste import BlendedQuantWeights
 from lightning_ste.blend import bcgd_blend_, blend_, multi_blend_, scaler_found_inf
 from lightning_ste.functional import binary_weight_multi
-from lightning_ste.modules import WeightQuantizer, prepare_weights_
+from lightning_ste.kernels import cpu as cpu_kernels
+from lightning_ste.quantizers.weight import WeightQuantizer, prepare_weights_
 from lightning_ste.weights import quantize_weights_, quantized_layers
 
 
@@ -36,15 +37,15 @@ class CountOps(TorchDispatchMode):
 @pytest.fixture
 def device_path() -> Iterator[None]:
     """The code path of CUDA tensors: the fused CPU kernels switched off."""
-    previous = _kernels._state.get("ok")
-    _kernels._state["ok"] = False
+    previous = cpu_kernels._state.get("ok")
+    cpu_kernels._state["ok"] = False
     try:
         yield
     finally:
         if previous is None:
-            _kernels._state.pop("ok", None)
+            cpu_kernels._state.pop("ok", None)
         else:
-            _kernels._state["ok"] = previous
+            cpu_kernels._state["ok"] = previous
 
 
 def _pairs(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -23,7 +23,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from lightning_ste import _kernels
+from lightning_ste.kernels import cpu as cpu_kernels
 from lightning_ste.quantizers import ste as _ste
 
 __all__ = ["BACKENDS", "backend_for", "setting", "triton_module", "triton_usable"]
@@ -97,11 +97,11 @@ def triton_usable(x: Tensor, ste_name: str = "clipped_relu") -> bool:
 def _cpu_problem(x: Tensor, ste_name: str) -> str | None:
     if x.device.type != "cpu":
         return f"the CPU kernels run on CPU tensors, got a {x.device.type} tensor"
-    if x.dtype not in _kernels._DTYPES:
+    if x.dtype not in cpu_kernels.DTYPES:
         return f"the CPU kernels handle floating-point tensors, got {x.dtype}"
     if _ste.get(ste_name).regions is None:
         return f"the CPU kernels handle region-constant STEs (identity, relu, clipped_relu), not {ste_name!r}"
-    if not _kernels.usable(x):
+    if not cpu_kernels.usable(x):
         if torch.compiler.is_compiling():
             return "the CPU kernels must be built before torch.compile traces them (call them once eagerly)"
         return "the CPU kernels could not be built here (see the warning at first use)"
@@ -109,7 +109,7 @@ def _cpu_problem(x: Tensor, ste_name: str) -> str | None:
 
 
 def backend_for(x: Tensor, ste: str = "clipped_relu") -> str:
-    """The backend that runs :func:`lightning_ste.functional.quantized_relu` on ``x`` with STE ``ste``:
+    """The backend that runs :func:`lightning_ste.quantizers.activation.quantized_relu` on ``x`` with STE ``ste``:
     ``"eager"``, ``"cpu"`` or ``"triton"``, per ``LIGHTNING_STE_KERNELS`` (see the module docstring).
 
     A named backend that cannot run raises ``RuntimeError`` with the reason.

@@ -95,17 +95,18 @@ def register(
     if not callable(fn):
         raise ValueError(f"`fn` must be callable fn(x, top) -> Tensor, got {type(fn).__name__}")
     if regions is not None:
-        regions = tuple(float(r) for r in regions)  # type: ignore[assignment]
-        if len(regions) != 3:
-            raise ValueError(f"`regions` must be 3 numbers (x<=0, 0<x<=top, x>top), got {regions!r}")
-        if not _regions_match(fn, regions):  # type: ignore[arg-type]
+        given = tuple(float(r) for r in regions)
+        if len(given) != 3:
+            raise ValueError(f"`regions` must be 3 numbers (x<=0, 0<x<=top, x>top), got {given!r}")
+        regions = (given[0], given[1], given[2])
+        if not _regions_match(fn, regions):
             raise ValueError(f"`regions`={regions!r} does not agree with `fn` on the probe grid")
     monotone, reason = _probe(fn)
     if not monotone and not allow_non_monotone:
         raise ValueError(
             f"STE {name!r}: the proxy derivative {reason}. Pass allow_non_monotone=True to register it anyway."
         )
-    _REGISTRY[name] = STE(name, fn, regions, monotone)  # type: ignore[arg-type]
+    _REGISTRY[name] = STE(name, fn, regions, monotone)
     return fn
 
 
