@@ -131,8 +131,8 @@ class BlendedQuantWeights(Callback):
     @property
     @override
     def state_key(self) -> str:
-        # One per Trainer (its state is the ρ schedule): the class name, the key of earlier checkpoints.
-        return self._generate_state_key()
+        # One per Trainer (its state is the ρ schedule): the bare class name, the key of earlier checkpoints.
+        return type(self).__qualname__
 
     # ------------------------------------------------------------------------------------- lifecycle
 
