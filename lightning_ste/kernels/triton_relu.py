@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lightning_ste.config import ALPHA_FLOOR
+
 __all__ = ["DTYPES", "INTERPRETED", "relu_backward", "relu_forward"]
 
 #: Whether the kernels were built for the Triton interpreter (CPU tensors) instead of a GPU.
@@ -48,7 +50,6 @@ GX_NONE, GX_REGIONS, GX_LOG_TAILED = 0, 1, 2
 ALPHA_NONE, ALPHA_REGIONS, ALPHA_AE = 0, 1, 2
 
 _FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite float32
-_ALPHA_FLOOR = 1e-3  # functional.ALPHA_FLOOR (not imported: functional imports this package)
 
 
 @triton.jit
@@ -257,7 +258,7 @@ def _forward_op(
                 code,
                 n,
                 float(levels),
-                _ALPHA_FLOOR,
+                ALPHA_FLOOR,
                 NEAREST=nearest,
                 WANT_CODE=want_code,
                 OUT_BF16=x.dtype == torch.bfloat16,
@@ -320,7 +321,7 @@ def _backward_op(
             out,
             n,
             float(levels),
-            _ALPHA_FLOOR,
+            ALPHA_FLOOR,
             m0,
             m1,
             m2,
