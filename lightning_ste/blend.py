@@ -1,6 +1,6 @@
 """The BCGD step (BCGD19, docs/math.md §3): blend latent weights towards their quantization, and the ρ schedule.
 
-Pure tensor code, no Lightning: :class:`~lightning_ste.callbacks.weights.BlendedQuantWeights` calls it from
+Pure tensor code, no Lightning: :class:`~lightning_ste.callbacks.blended_quant_weights.BlendedQuantWeights` calls it from
 ``on_before_optimizer_step``, and a plain PyTorch loop can call it the same way.
 """
 

@@ -247,7 +247,7 @@ def quantized_relu(
     STE ``ste`` (see :mod:`lightning_ste.quantizers.ste`); backward to ``alpha`` is
     ``clamp(alpha_lr_scale * sum(grad * d~sigma/d alpha), -1, 1)`` with the ``alpha_grad`` proxy.
 
-    Runs on the backend :func:`lightning_ste.kernels.backend_for` picks (``LIGHTNING_STE_KERNELS``): the
+    Runs on the backend :func:`lightning_ste.kernels.backend.backend_for` picks (``LIGHTNING_STE_KERNELS``): the
     fused CPU kernels, the fused Triton kernels on CUDA, or the eager torch formula; all give the same values.
     """
     if not isinstance(x, Tensor) or not x.is_floating_point():
