@@ -22,8 +22,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from lightning_ste import _compat
 from lightning_ste import functional as F_ste
-from lightning_ste.model_summary import quantized_weight_layers, weight_quantizer
+from lightning_ste.bit_summary import parametrization_chains
+from lightning_ste.config import ALPHA_FLOOR, ROUNDINGS, check_bits, check_choice
+from lightning_ste.inspect import quantized_layers, weight_quantizer
 from lightning_ste.modules import QuantReLU, WeightQuantizer
 
 __all__ = ["FrozenQuantReLU", "freeze", "load_packed", "pack_bits", "save_packed", "to_onnx", "unpack_bits"]
@@ -41,12 +44,14 @@ class FrozenQuantReLU(nn.Module):
     (div, ceil or round, clamp, mul), so tracing exporters see ordinary operators; alpha is a buffer.
     """
 
+    alpha: Tensor
+
     def __init__(self, bits: int, alpha: float | Tensor, rounding: str = "ceil") -> None:
         super().__init__()
-        F_ste.check_bits(bits)
-        F_ste.check_choice("rounding", rounding, F_ste.ROUNDINGS)
+        check_bits(bits)
+        check_choice("rounding", rounding, ROUNDINGS)
         self.bits, self.rounding = bits, rounding
-        value = torch.as_tensor(alpha, dtype=torch.float32).detach().clone().clamp_min(F_ste.ALPHA_FLOOR)
+        value = torch.as_tensor(alpha, dtype=torch.float32).detach().clone().clamp_min(ALPHA_FLOOR)
         self.register_buffer("alpha", value)
 
     @property
@@ -98,9 +103,9 @@ def _unparametrize(layers: list[nn.Module]) -> None:
     share the new parameter when their values agree; a float layer tied to the latent keeps the latent.
     """
     values = [
-        (layer, name, getattr(layer, name).detach(), getattr(layer.parametrizations[name], "original", None))
+        (layer, name, getattr(layer, name).detach(), getattr(chain, "original", None))
         for layer in layers
-        for name in list(layer.parametrizations.keys())
+        for name, chain in parametrization_chains(layer).items()
     ]
     shared: dict[int, list[nn.Parameter]] = {}
     for layer, name, value, original in values:
@@ -108,13 +113,12 @@ def _unparametrize(layers: list[nn.Module]) -> None:
             tensor: Tensor = value  # a parametrized buffer stays a buffer
         else:
             candidates = shared.setdefault(id(original), []) if original is not None else []
-            tensor = next((p for p in candidates if torch.equal(p, value)), None)
-            if tensor is None:
-                tensor = nn.Parameter(value, requires_grad=False)
-                candidates.append(tensor)
-        if "parametrizations" in layer._modules:
-            del layer._modules["parametrizations"]
-            layer.__class__ = layer.__class__.__bases__[0]
+            found = next((p for p in candidates if torch.equal(p, value)), None)
+            if found is None:
+                found = nn.Parameter(value, requires_grad=False)
+                candidates.append(found)
+            tensor = found
+        _compat.drop_parametrized_class(layer)
         if isinstance(tensor, nn.Parameter):
             layer.register_parameter(name, tensor)
         else:
@@ -188,7 +192,7 @@ def to_onnx(
 
 def pack_bits(values: Tensor, bits: int) -> Tensor:
     """Pack non-negative integers ``< 2**bits`` into bytes, least significant bit first (uint8, 1-D)."""
-    F_ste.check_bits(bits)
+    check_bits(bits)
     v = values.detach().flatten().to(torch.uint8).cpu().numpy()
     if bits > 1:
         v = (v[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
@@ -197,7 +201,7 @@ def pack_bits(values: Tensor, bits: int) -> Tensor:
 
 def unpack_bits(data: Tensor, bits: int, count: int) -> Tensor:
     """Inverse of :func:`pack_bits`: the first ``count`` ``bits``-bit integers (int64, 1-D)."""
-    F_ste.check_bits(bits)
+    check_bits(bits)
     stream = np.unpackbits(data.cpu().numpy(), count=count * bits, bitorder="little")
     if bits == 1:
         return torch.from_numpy(stream.astype(np.int64))
@@ -257,8 +261,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
     if not isinstance(model, nn.Module):
         raise ValueError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
     latent = {
-        (f"{name}.weight" if name else "weight"): (layer.parametrizations.weight.original, quantizer)
-        for name, layer, quantizer in quantized_weight_layers(model)
+        (f"{q.name}.weight" if q.name else "weight"): (q.latent, q.quantizer) for q in quantized_layers(model)
     }
     frozen = freeze(model)
     fp32_bytes = _weight_bytes(frozen)
@@ -271,8 +274,9 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
         seen.add(id(param))
         if pname in latent:
             w, quantizer = latent[pname]
-            if hasattr(quantizer, "weight_codes"):  # ConvTranspose: scales per output channel, in W's layout
-                codes, scale = quantizer.weight_codes(w.detach())
+            own_codes = getattr(quantizer, "weight_codes", None)
+            if own_codes is not None:  # ConvTranspose: scales per output channel, in W's layout
+                codes, scale = own_codes(w.detach())
             else:
                 codes, scale = F_ste.weight_codes(
                     w.detach(),

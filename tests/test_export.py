@@ -21,6 +21,7 @@ from lightning_ste import (
     quantize_activations_,
     quantize_weights_,
 )
+from lightning_ste.bit_summary import summary
 from lightning_ste.data.mnist import MNISTDataModule
 from lightning_ste.export import (
     FrozenQuantReLU,
@@ -31,7 +32,6 @@ from lightning_ste.export import (
     to_onnx,
     unpack_bits,
 )
-from lightning_ste.model_summary import summary
 
 
 def resnet18_w1a4() -> nn.Module:

@@ -21,7 +21,7 @@ from lightning_ste import (
     quantize_activations_,
     quantize_weights_,
 )
-from lightning_ste.model_summary import QuantModelSummary, summary
+from lightning_ste.bit_summary import QuantModelSummary, summary
 
 
 def small_model() -> nn.Sequential:
