@@ -89,7 +89,7 @@ class QuantizeActivations(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(**self.config.to_dict())
+        return _state_key(self, self.config.to_dict())
 
     def _quantizers(self, pl_module: nn.Module) -> list[QuantReLU]:
         return [cast(QuantReLU, pl_module.get_submodule(name)) for name in self.sites]
@@ -180,7 +180,8 @@ class QuantizeActivations(Callback):
                 q.alpha.copy_(value)
         # Reading alpha is a host sync on an accelerator: only on logging steps (and at epoch end).
         step = trainer.global_step
-        if step != self._floor_checked_at and step % max(trainer.log_every_n_steps, 1) == 0:
+        every = trainer.log_every_n_steps  # type: ignore[attr-defined]  # set by Lightning's logger connector
+        if step != self._floor_checked_at and step % max(every, 1) == 0:
             self._floor_checked_at = step
             self._warn_alpha_floor(pl_module)
 
@@ -227,6 +228,11 @@ class QuantizeActivations(Callback):
             rank_zero_warn(
                 f"QuantizeActivations: the checkpoint was made with sites {sites}, this run converted {self.sites}."
             )
+
+
+def _state_key(callback: Callback, arguments: dict[str, Any]) -> str:  # TODO(_compat)
+    """The key Lightning files a callback's state under, from its identifying arguments."""
+    return callback._generate_state_key(**arguments)
 
 
 def _extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -224,7 +224,7 @@ class TracedForward:
     def __deepcopy__(self, memo: dict[int, Any]) -> TracedForward:
         owner = copy.deepcopy(self.owner, memo)
         if id(self) in memo:  # reached again through the owner's __dict__
-            return memo[id(self)]  # type: ignore[no-any-return]
+            return memo[id(self)]
         clone = TracedForward(owner, self.src, self.import_block, copy.deepcopy(self.graph))
         memo[id(self)] = clone
         return clone
@@ -323,7 +323,7 @@ def set_forward(module: nn.Module, forward: Callable[..., Any], undo: Undo) -> N
         undo(restorer(ctx, "original_forward", ctx["original_forward"]))
         ctx["original_forward"] = forward
         forward = ctx["dynamo_ctx"](forward)
-    module.forward = forward  # type: ignore[method-assign]
+    module.forward = forward
 
 
 def disable_fast_path(layer: nn.TransformerEncoderLayer | nn.TransformerDecoderLayer, undo: Undo) -> None:

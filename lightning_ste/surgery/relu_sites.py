@@ -58,7 +58,7 @@ _RELU_LIKE_FUNCTIONS = {
 def _relu_like_call(node: fx.Node) -> str | None:
     """What a functional ReLU-like call that is not converted is: F.relu6, F.leaky_relu, clamp(min=0), ..."""
     if node.op == "call_function" and node.target in _RELU_LIKE_FUNCTIONS:
-        return _RELU_LIKE_FUNCTIONS[node.target]  # type: ignore[index]
+        return _RELU_LIKE_FUNCTIONS[node.target]
     clamp = node.op == "call_function" and node.target in (torch.clamp, torch.clamp_min, torch.clip)
     clamp = clamp or (node.op == "call_method" and node.target in ("clamp", "clamp_", "clamp_min", "clip"))
     if clamp:
