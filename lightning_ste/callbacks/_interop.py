@@ -28,6 +28,7 @@ from lightning_ste._compat import (
     pruning_parameter_names,
     set_pruning_entries,
 )
+from lightning_ste.inspect import weight_chain
 
 __all__ = [
     "LATENT_NAME",
@@ -36,6 +37,7 @@ __all__ = [
     "auto_pruners_after",
     "latent_parameter",
     "pruning_mask",
+    "quantized_chain",
     "recopy_earlier_swa",
     "restore_pruning",
     "retarget_pruning",
@@ -115,6 +117,13 @@ def latent_parameter(chain: nn.Module) -> nn.Parameter:
     return param
 
 
+def quantized_chain(layer: nn.Module) -> nn.Module:
+    """``layer.parametrizations.weight`` of a layer whose weight is quantized."""
+    chain = weight_chain(layer)
+    assert chain is not None, f"{type(layer).__name__}.weight is not parametrized"
+    return chain
+
+
 def pruning_mask(chain: nn.Module) -> torch.Tensor | None:
     """The pruning mask of the latent W, or None when it is not pruned."""
     return buffer_slots(chain).get(LATENT_NAME + "_mask")
@@ -146,12 +155,12 @@ def retarget_pruning(
         changed: list[tuple[int, nn.Module]] = []
         for i, (module, name) in enumerate(entries):
             if name == "weight" and id(module) in layers:
-                entries[i] = (module.parametrizations.weight, LATENT_NAME)  # type: ignore[union-attr]
+                entries[i] = (quantized_chain(module), LATENT_NAME)
                 changed.append((i, module))
         if id(cb) in auto and "weight" in pruning_parameter_names(cb):
             held = {id(m) for m, _ in entries}
             for layer in layers.values():
-                chain = layer.parametrizations.weight  # type: ignore[union-attr]
+                chain = quantized_chain(layer)
                 if id(chain) not in held:
                     entries.append((chain, LATENT_NAME))
                     changed.append((len(entries) - 1, layer))
@@ -178,10 +187,10 @@ def _retarget_lottery_ticket(refs: dict[int, Any], changed: list[tuple[int, nn.M
                 else copy.weight
             )
         else:  # appended: the pruner never saw it, its value now is the start of this fit
-            initial = latent_parameter(layer.parametrizations.weight)  # type: ignore[union-attr]
+            initial = latent_parameter(quantized_chain(layer))
         holder = nn.Module()
         holder.register_parameter(LATENT_NAME, nn.Parameter(initial.detach().clone(), requires_grad=False))
-        refs[id(layer.parametrizations.weight)] = {"data": holder, "names": [(i, LATENT_NAME)]}  # type: ignore[union-attr]
+        refs[id(quantized_chain(layer))] = {"data": holder, "names": [(i, LATENT_NAME)]}
 
 
 def restore_pruning(trainer: pl.Trainer, undo: dict[int, list[tuple[int, nn.Module]]]) -> None:

@@ -7,7 +7,7 @@ Lifecycle only: the conversion is :mod:`lightning_ste.surgery.weight_params`, th
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -33,12 +33,13 @@ from lightning_ste.callbacks._interop import (
     cancel_after_configure_model,
     latent_parameter,
     pruning_mask,
+    quantized_chain,
     recopy_earlier_swa,
     restore_pruning,
     retarget_pruning,
 )
 from lightning_ste.config import DEFAULT_LAYER_TYPES, WeightQuantConfig, check_bool
-from lightning_ste.inspect import quantized_layers, weight_chain
+from lightning_ste.inspect import quantized_layers
 from lightning_ste.modules import WeightQuantizer, prepare_weights_
 from lightning_ste.surgery.lazy import lazy_modules
 from lightning_ste.surgery.weight_params import (
@@ -116,10 +117,8 @@ class BlendedQuantWeights(Callback):
         self._plan: WeightPlan | None = (
             None  # this setup's conversion, undone if the run fails before training
         )
-        self._layers: list[tuple[Tensor, Callable[[Tensor], Tensor]]] = []
-        self._per_optimizer: dict[
-            int, tuple[tuple[int, int], list[tuple[Tensor, Callable[[Tensor], Tensor]]]]
-        ] = {}
+        self._layers: list[tuple[Tensor, _BlendTarget]] = []
+        self._per_optimizer: dict[int, tuple[tuple[int, int], list[tuple[Tensor, _BlendTarget]]]] = {}
         self._auto_pruners: set[int] = set()
         self._pruning_undo: dict[int, list[tuple[int, nn.Module]]] = {}
 
@@ -199,9 +198,9 @@ class BlendedQuantWeights(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # One entry per latent: layers sharing a weight (tied) share it and its quantizer, blended once.
-        latents: dict[int, tuple[Tensor, Callable[[Tensor], Tensor]]] = {}
+        latents: dict[int, tuple[Tensor, _BlendTarget]] = {}
         for _, layer, _, q in quantized_layers(pl_module):
-            chain = _chain(layer)
+            chain = quantized_chain(layer)
             latents.setdefault(id(latent_parameter(chain)), (latent_parameter(chain), _BlendTarget(chain, q)))
         self._layers = list(latents.values())
         self._per_optimizer.clear()
@@ -209,7 +208,7 @@ class BlendedQuantWeights(Callback):
         idle = [
             name
             for name, layer, _, _ in quantized_layers(pl_module)
-            if id(latent_parameter(_chain(layer))) not in trained
+            if id(latent_parameter(quantized_chain(layer))) not in trained
         ]
         if idle:
             rank_zero_warn(
@@ -307,8 +306,9 @@ class BlendedQuantWeights(Callback):
         if pl_module.example_input_array is not None:
             return pl_module.example_input_array
         loader = stage_data_loader(trainer, _STAGE_LOOPS.get(str(stage), "fit_loop"))
-        if loader is None and trainer.datamodule is not None and stage == "fit":
-            loader = trainer.datamodule.train_dataloader()
+        datamodule = getattr(trainer, "datamodule", None)  # set by the Trainer at fit, not declared on it
+        if loader is None and datamodule is not None and stage == "fit":
+            loader = datamodule.train_dataloader()
         while isinstance(loader, (list, tuple)) and loader:
             loader = loader[0]
         if isinstance(loader, dict) and loader:
@@ -331,7 +331,7 @@ class BlendedQuantWeights(Callback):
             f"{type(batch).__name__}; set `example_input_array` on the LightningModule"
         )
 
-    def _layers_of(self, optimizer: Optimizer) -> list[tuple[Tensor, Callable[[Tensor], Tensor]]]:
+    def _layers_of(self, optimizer: Optimizer) -> list[tuple[Tensor, _BlendTarget]]:
         """The (latent, q) pairs this optimizer steps, cached until its param groups change."""
         key = (len(optimizer.param_groups), sum(len(g["params"]) for g in optimizer.param_groups))
         cached = self._per_optimizer.get(id(optimizer))
@@ -388,13 +388,6 @@ class BlendedQuantWeights(Callback):
             f"BlendedQuantWeights: following the checkpoint, the quantized layers are {stored} (this callback's "
             f"arguments selected {current})"
         )
-
-
-def _chain(layer: nn.Module) -> nn.Module:
-    """``layer.parametrizations.weight`` of a quantized layer."""
-    chain = weight_chain(layer)
-    assert chain is not None, "only layers of quantized_layers() are passed"
-    return chain
 
 
 class _BlendTarget:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any, ClassVar
 
 from torch import nn
@@ -285,7 +286,7 @@ def _parametrize_sites(
         quantizer = quantizers.setdefault(id(weight), _make_quantizer(config, layer))
         order = list(parameter_slots(layer))
         parametrize.register_parametrization(layer, "weight", quantizer)
-        undo(lambda layer=layer, order=order: _unparametrize(layer, order))  # type: ignore[misc]
+        undo(partial(_unparametrize, layer, order))
 
 
 def _unparametrize(layer: nn.Module, order: Sequence[str] = ("weight",)) -> None:
@@ -297,6 +298,10 @@ def _unparametrize(layer: nn.Module, order: Sequence[str] = ("weight",)) -> None
     ordered.update({k: v for k, v in params.items() if k not in ordered})
     params.clear()
     params.update(ordered)
+
+
+def _reparametrize(layer: nn.Module, quantizer: WeightQuantizer) -> None:
+    parametrize.register_parametrization(layer, "weight", quantizer)
 
 
 def remove_quantization_(module: nn.Module, sites: Sequence[str] | None = None) -> list[str]:
@@ -320,10 +325,8 @@ def follow_sites_(
             layer = module.get_submodule(name)
             quantizer = weight_quantizer(layer)
             _unparametrize(layer)
-            if undo is not None:
-                undo(
-                    lambda layer=layer, q=quantizer: parametrize.register_parametrization(layer, "weight", q)
-                )  # type: ignore[misc]
+            if undo is not None and quantizer is not None:
+                undo(partial(_reparametrize, layer, quantizer))
     _parametrize_sites(module, [n for n in sites if n not in current], config, undo or (lambda _: None))
     mine = recipe_store.recipes_on(module, RECIPE_KIND)
     if len(mine) == 1:
