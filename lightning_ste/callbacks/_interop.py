@@ -1,4 +1,8 @@
-"""Keep Lightning's StochasticWeightAveraging and ModelPruning consistent with a model our callbacks rewrote.
+"""Lightning interop of the callbacks: the configure_model hook, the probe input, SWA and ModelPruning.
+
+The conversion runs right after ``configure_model`` (:func:`after_configure_model`); a probe forward takes
+``example_input_array`` or the first batch (:func:`example_input`). StochasticWeightAveraging and
+ModelPruning are kept consistent with a model our callbacks rewrote.
 
 Both callbacks take references to the model in their own ``setup``: SWA deep-copies it, ModelPruning lists
 ``(module, "weight")`` pairs. A conversion in a later ``setup`` hook invalidates both (SWA then averages
@@ -17,16 +21,18 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_ste._compat import (
+    apply_batch_transfer,
     buffer_slots,
     parameter_slots,
     pruning_entries,
     pruning_original_layers,
     pruning_parameter_names,
     set_pruning_entries,
+    stage_data_loader,
 )
 from lightning_ste.inspect import weight_chain
 
@@ -34,6 +40,7 @@ __all__ = [
     "LATENT_NAME",
     "after_configure_model",
     "cancel_after_configure_model",
+    "example_input",
     "auto_pruners_after",
     "latent_parameter",
     "pruning_mask",
@@ -45,6 +52,12 @@ __all__ = [
 
 LATENT_NAME = "original"  # the float W of a parametrized weight: layer.parametrizations.weight.original
 _PENDING = "_lightning_ste_after_configure_model"
+_STAGE_LOOPS = {
+    "fit": "fit_loop",
+    "validate": "validate_loop",
+    "test": "test_loop",
+    "predict": "predict_loop",
+}
 
 
 def after_configure_model(pl_module: pl.LightningModule, fn: Callable[[], None]) -> bool:
@@ -204,3 +217,34 @@ def restore_pruning(trainer: pl.Trainer, undo: dict[int, list[tuple[int, nn.Modu
             if i < len(entries) and entries[i][1] == LATENT_NAME:
                 entries[i] = (layer, "weight")
         set_pruning_entries(cb, entries)
+
+
+def example_input(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Any:
+    """Model input for the keep_first_last probe: ``example_input_array``, else the first batch's input."""
+    if pl_module.example_input_array is not None:
+        return pl_module.example_input_array
+    loader = stage_data_loader(trainer, _STAGE_LOOPS.get(str(stage), "fit_loop"))
+    datamodule = getattr(trainer, "datamodule", None)  # set by the Trainer at fit, not declared on it
+    if loader is None and datamodule is not None and stage == "fit":
+        loader = datamodule.train_dataloader()
+    while isinstance(loader, (list, tuple)) and loader:
+        loader = loader[0]
+    if isinstance(loader, dict) and loader:
+        loader = next(iter(loader.values()))
+    if loader is None:
+        raise ValueError(
+            "`keep_first_last=True` and lazy modules need one batch at setup (to find the first and last layer "
+            "in execution order, or the lazy layers' shapes): set `example_input_array` on the LightningModule "
+            "or give the Trainer a dataloader"
+        )
+    # The batch the model will see: through the same transfer hooks (a data module's on_after_batch_transfer
+    # may normalise uint8 images, as ImageNetDataModule does).
+    batch = apply_batch_transfer(pl_module, next(iter(loader)))
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise ValueError(
+        "`keep_first_last=True`: cannot tell the model input in a batch of type "
+        f"{type(batch).__name__}; set `example_input_array` on the LightningModule"
+    )

@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_ste import recipe as recipe_store
-from lightning_ste._compat import apply_batch_transfer, attached_trainer, stage_data_loader
+from lightning_ste._compat import attached_trainer
 from lightning_ste.blend import (
     RhoSchedule,
     RhoScheduleArg,
@@ -31,6 +31,7 @@ from lightning_ste.callbacks._interop import (
     after_configure_model,
     auto_pruners_after,
     cancel_after_configure_model,
+    example_input,
     latent_parameter,
     pruning_mask,
     quantized_chain,
@@ -54,12 +55,6 @@ from lightning_ste.surgery.weight_params import (
 __all__ = ["BlendedQuantWeights"]
 
 _LATENT_SUFFIX = ".parametrizations.weight.original"
-_STAGE_LOOPS = {
-    "fit": "fit_loop",
-    "validate": "validate_loop",
-    "test": "test_loop",
-    "predict": "predict_loop",
-}
 
 
 class BlendedQuantWeights(Callback):
@@ -295,41 +290,10 @@ class BlendedQuantWeights(Callback):
         # The probe input serves keep_first_last and lazy modules (nn.LazyLinear, ...), which get their shapes
         # from one forward.
         needs_probe = self.config.keep_first_last or bool(lazy_modules(pl_module))
-        example = self._example_input(trainer, pl_module, stage) if needs_probe else None
+        example = example_input(trainer, pl_module, stage) if needs_probe else None
         plan = plan_weights(pl_module, self.config, example_input=example)
         plan.title = "BlendedQuantWeights"
         return plan
-
-    @staticmethod
-    def _example_input(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> Any:
-        """Model input for the keep_first_last probe: ``example_input_array``, else the first batch's input."""
-        if pl_module.example_input_array is not None:
-            return pl_module.example_input_array
-        loader = stage_data_loader(trainer, _STAGE_LOOPS.get(str(stage), "fit_loop"))
-        datamodule = getattr(trainer, "datamodule", None)  # set by the Trainer at fit, not declared on it
-        if loader is None and datamodule is not None and stage == "fit":
-            loader = datamodule.train_dataloader()
-        while isinstance(loader, (list, tuple)) and loader:
-            loader = loader[0]
-        if isinstance(loader, dict) and loader:
-            loader = next(iter(loader.values()))
-        if loader is None:
-            raise ValueError(
-                "`keep_first_last=True` and lazy modules need one batch at setup (to find the first and last layer "
-                "in execution order, or the lazy layers' shapes): set `example_input_array` on the LightningModule "
-                "or give the Trainer a dataloader"
-            )
-        # The batch the model will see: through the same transfer hooks (a data module's on_after_batch_transfer
-        # may normalise uint8 images, as ImageNetDataModule does).
-        batch = apply_batch_transfer(pl_module, next(iter(loader)))
-        if isinstance(batch, Tensor):
-            return batch
-        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
-            return batch[0]
-        raise ValueError(
-            "`keep_first_last=True`: cannot tell the model input in a batch of type "
-            f"{type(batch).__name__}; set `example_input_array` on the LightningModule"
-        )
 
     def _layers_of(self, optimizer: Optimizer) -> list[tuple[Tensor, _BlendTarget]]:
         """The (latent, q) pairs this optimizer steps, cached until its param groups change."""
