@@ -1,4 +1,4 @@
-"""QuantizeActivations: every ReLU of a LightningModule becomes a b-bit staircase ReLU alpha * clamp(ceil(x / alpha), 0, L) (YLZ19, BCGD19)."""
+"""QuantizeActivations: every ReLU of a LightningModule becomes a b-bit staircase ReLU alpha * clamp(ceil(x / alpha), 0, L) (YLZ19, BCGD19; docs/math.md §1)."""
 
 from __future__ import annotations
 
