@@ -17,7 +17,8 @@ from torch.nn.utils import parametrize
 
 from lightning_ste import _compat
 from lightning_ste.inspect import QuantizedLayer, quantized_layers
-from lightning_ste.modules import QuantReLU, WeightQuantizer
+from lightning_ste.quantizers.activation import QuantReLU
+from lightning_ste.quantizers.weight import WeightQuantizer
 
 __all__ = ["LayerSummary", "QuantModelSummary", "parametrization_chains", "summary"]
 

@@ -23,13 +23,22 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from lightning_ste import _compat
-from lightning_ste import functional as F_ste
 from lightning_ste.bit_summary import parametrization_chains
 from lightning_ste.config import ALPHA_FLOOR, ROUNDINGS, check_bits, check_choice
 from lightning_ste.inspect import quantized_layers, weight_quantizer
-from lightning_ste.modules import QuantReLU, WeightQuantizer
+from lightning_ste.quantizers.activation import QuantReLU
+from lightning_ste.quantizers.weight import WeightQuantizer, weight_codes
 
-__all__ = ["FrozenQuantReLU", "freeze", "load_packed", "pack_bits", "save_packed", "to_onnx", "unpack_bits"]
+__all__ = [
+    "FrozenQuantReLU",
+    "freeze",
+    "load_packed",
+    "pack_bits",
+    "save_packed",
+    "to_onnx",
+    "unpack_bits",
+    "weight_codes_of",
+]
 
 PACKED_FORMAT = "lightning_ste.packed"
 PACKED_VERSION = 1
@@ -76,6 +85,22 @@ class FrozenQuantReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, alpha={float(self.alpha):.4g}, rounding={self.rounding}"
+
+
+@torch.no_grad()
+def weight_codes_of(quantizer: WeightQuantizer, w: Tensor) -> tuple[Tensor, Tensor]:
+    """``(codes, scale)`` with ``codes * scale == quantizer(w)``, in ``w``'s layout (BCGD19, docs/math.md §2).
+
+    The codes :func:`save_packed` stores and whose flips :class:`~lightning_ste.QuantTelemetry` counts; a
+    ConvTranspose quantizer scales per output channel of its ``[in, out/groups, *k]`` layout.
+    """
+    # TODO(quantizers.weight): a WeightQuantizer.weight_codes method, which TransposedWeightQuantizer overrides.
+    own_codes = getattr(quantizer, "weight_codes", None)
+    if own_codes is not None:
+        return own_codes(w)
+    return weight_codes(
+        w, quantizer.bits, quantizer.per_channel, quantizer.ternary_scale, quantizer.binary_scale
+    )
 
 
 def _quantizer_settings(quantizer: WeightQuantizer) -> dict[str, Any]:
@@ -274,17 +299,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
         seen.add(id(param))
         if pname in latent:
             w, quantizer = latent[pname]
-            own_codes = getattr(quantizer, "weight_codes", None)
-            if own_codes is not None:  # ConvTranspose: scales per output channel, in W's layout
-                codes, scale = own_codes(w.detach())
-            else:
-                codes, scale = F_ste.weight_codes(
-                    w.detach(),
-                    quantizer.bits,
-                    quantizer.per_channel,
-                    quantizer.ternary_scale,
-                    quantizer.binary_scale,
-                )
+            codes, scale = weight_codes_of(quantizer, w.detach())
         else:
             codes, scale = _codes_from_frozen(param.detach(), settings)
         blob = _pack_codes(codes.detach().flatten().cpu(), settings["bits"])

@@ -15,7 +15,14 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader
 from wandb_run_file import finished_run_records, history_rows
 
-from lightning_ste import BlendedQuantWeights, QuantizeActivations, QuantReLU, QuantTelemetry, WeightQuantizer
+from lightning_ste import (
+    BlendedQuantWeights,
+    QuantizeActivations,
+    QuantReLU,
+    QuantTelemetry,
+    WeightQuantizer,
+    quantize_weights_,
+)
 from lightning_ste.callbacks.telemetry import CHART_FILENAME
 from lightning_ste.data.mnist import MNISTDataModule
 from lightning_ste.occupancy import _replicated_histogram, level_counts
@@ -162,6 +169,32 @@ def test_rho_from_blended_quant_weights_and_gradient_accumulation(tmp_path):
     final_error = _expected_error(model.lin.parametrizations.weight.original.detach())
     assert float(rows[-1]["quant/lin/quant_error"]) == pytest.approx(final_error, rel=1e-5)
     assert not (Path(logger.log_dir) / CHART_FILENAME).exists()
+
+
+class ToyTransposed(pl.LightningModule):
+    """A 2-bit per-channel ConvTranspose (weight laid out ``[in, out/groups, *k]``) and lr 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.deconv = nn.ConvTranspose1d(4, 6, kernel_size=3, groups=2, bias=False)
+        quantize_weights_(self, bits=2, per_channel=True)
+
+    def training_step(self, batch, batch_idx):
+        return self.deconv(batch.view(2, 4, 2)).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def test_quant_error_of_a_transposed_conv_is_against_the_q_w_the_layer_uses(tmp_path):
+    # Per output channel, as the layer's own q(W): not per input channel, as the [in, out/g, k] layout reads.
+    model = ToyTransposed()
+    logger = CSVLogger(tmp_path, name="csv")
+    telemetry = QuantTelemetry(log_every_n_steps=1, occupancy_chart=False)
+    _trainer(tmp_path, [telemetry], logger, max_steps=1, limit_val_batches=0).fit(model, _loader(1))
+    w = model.deconv.parametrizations.weight.original.detach()
+    expected = float((model.deconv.weight.detach() - w).norm() / w.norm())
+    assert telemetry.last_metrics["quant/deconv/quant_error"] == pytest.approx(expected, rel=1e-5)
 
 
 def test_collect_every_n_steps_samples_the_window(tmp_path):

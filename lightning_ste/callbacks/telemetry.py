@@ -23,11 +23,12 @@ from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
 from lightning_ste import _compat
-from lightning_ste import functional as F_ste
 from lightning_ste.config import ALPHA_FLOOR, check_bool, check_count
+from lightning_ste.export import weight_codes_of
 from lightning_ste.inspect import activation_sites, quantized_layers
-from lightning_ste.modules import QuantReLU, WeightQuantizer
 from lightning_ste.occupancy import level_counts, matplotlib_available, occupancy_figure
+from lightning_ste.quantizers.activation import QuantReLU
+from lightning_ste.quantizers.weight import WeightQuantizer
 
 __all__ = ["CHART_FILENAME", "QuantTelemetry"]
 
@@ -58,6 +59,9 @@ class _WeightLayer:
     def latent(self) -> Tensor:
         # Read live: while torch.nn.utils.prune holds the latent, every forward replaces it by W ⊙ M.
         return next(quantized_layers(self.layer)).latent
+
+    def codes(self) -> tuple[Tensor, Tensor]:
+        return weight_codes_of(self.quantizer, self.latent.detach())
 
 
 @dataclass
@@ -138,7 +142,7 @@ class QuantTelemetry(Callback):
             self._state.handles.append(module.register_forward_hook(hook, with_kwargs=True))
         for quantized in quantized_layers(pl_module):
             entry = _WeightLayer(quantized.layer, quantized.quantizer)
-            entry.previous = self._codes(entry)[0].to(torch.int8)
+            entry.previous = entry.codes()[0].to(torch.int8)
             self._state.weights[quantized.name] = entry
         self._last_step = trainer.global_step
 
@@ -222,14 +226,6 @@ class QuantTelemetry(Callback):
             handle.remove()
         self._state.handles.clear()
 
-    @staticmethod
-    @torch.no_grad()
-    def _codes(entry: _WeightLayer) -> tuple[Tensor, Tensor]:
-        q = entry.quantizer
-        return F_ste.weight_codes(
-            entry.latent.detach(), q.bits, q.per_channel, q.ternary_scale, q.binary_scale
-        )
-
     def _reduced_counts(self, trainer: Trainer) -> Tensor | None:
         """All activation windows as one int64 vector ``[occupancy..., clipped, count]`` per quantizer."""
         parts = []
@@ -268,7 +264,7 @@ class QuantTelemetry(Callback):
             ]
         weight_stats = []
         for entry in state.weights.values():
-            codes, scale = self._codes(entry)
+            codes, scale = entry.codes()
             w = entry.latent.detach()
             flips = (codes != entry.previous).sum() if entry.previous is not None else codes.new_zeros(())
             error = torch.linalg.vector_norm((codes * scale - w).float()) / torch.linalg.vector_norm(
@@ -332,7 +328,7 @@ class QuantTelemetry(Callback):
 
     @staticmethod
     def _rho(trainer: Trainer) -> float | None:
-        from lightning_ste.callbacks.weights import BlendedQuantWeights
+        from lightning_ste.callbacks.blended_quant_weights import BlendedQuantWeights
 
         for cb in trainer.callbacks:  # type: ignore[attr-defined]  # public; the Trainer's annotations omit it
             if isinstance(cb, BlendedQuantWeights):
