@@ -33,6 +33,7 @@ __all__ = [
     "norm_layer_types",
     "parameter_slots",
     "buffer_slots",
+    "callback_state_key",
     "pruning_entries",
     "pruning_original_layers",
     "pruning_parameter_names",
@@ -188,6 +189,11 @@ def stage_data_loader(trainer: Any, loop_name: str) -> Any:
 def batches_that_stepped(trainer: Any) -> int:
     """The step Lightning's own ``self.log`` uses for loggers."""
     return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+
+def callback_state_key(callback: Any, **arguments: Any) -> str:
+    """The key Lightning files a callback's state under (``Callback._generate_state_key``)."""
+    return str(callback._generate_state_key(**arguments))
 
 
 def pruning_entries(callback: Any) -> list[tuple[nn.Module, str]]:

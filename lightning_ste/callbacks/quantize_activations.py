@@ -12,7 +12,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lightning_ste import recipe
+from lightning_ste import _compat, recipe
 from lightning_ste.callbacks._interop import (
     after_configure_model,
     cancel_after_configure_model,
@@ -89,7 +89,7 @@ class QuantizeActivations(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return _state_key(self, self.config.to_dict())
+        return _compat.callback_state_key(self, **self.config.to_dict())
 
     def _quantizers(self, pl_module: nn.Module) -> list[QuantReLU]:
         return [cast(QuantReLU, pl_module.get_submodule(name)) for name in self.sites]
@@ -228,11 +228,6 @@ class QuantizeActivations(Callback):
             rank_zero_warn(
                 f"QuantizeActivations: the checkpoint was made with sites {sites}, this run converted {self.sites}."
             )
-
-
-def _state_key(callback: Callback, arguments: dict[str, Any]) -> str:  # TODO(_compat)
-    """The key Lightning files a callback's state under, from its identifying arguments."""
-    return callback._generate_state_key(**arguments)
 
 
 def _extend_scheduler(scheduler: Any, optimizer: torch.optim.Optimizer) -> None:

@@ -115,11 +115,6 @@ class ActivationPlan(ConversionPlan):
             lines.append("Stays float: no other ReLU-like activation found.")
         return lines
 
-    def format(self, dry_run: bool = False) -> str:
-        # The title itself says "would convert" on a dry run, so lines() takes the flag too.
-        text = "\n".join(self.lines(dry_run))
-        return text + ("\ndry_run=True: the model was not changed." if dry_run else "")
-
     def _describe_alpha(self) -> str:
         c = self.config
         init = half_gaussian_resolution(c.bits)

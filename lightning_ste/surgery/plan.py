@@ -2,7 +2,7 @@
 
 A plan is computed in full before the model is touched (a bad pattern leaves it unchanged), prints what it
 will convert and what stays float and why, applies itself with every change recorded in an undo list, and
-reverts exactly. Activations (:mod:`.relu_sites`) and weights (:mod:`.weight_params`) both subclass it.
+reverts exactly. Activations (:mod:`.activation_plan`) and weights (:mod:`.weight_params`) both subclass it.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class ConversionPlan(ABC):
         """The names of what gets converted, in order; the recipe's ``sites``."""
 
     @abstractmethod
-    def lines(self) -> list[str]:
+    def lines(self, dry_run: bool = False) -> list[str]:
         """The plan as printed: a title line, then what is converted, what stays float and why."""
 
     @abstractmethod
@@ -50,8 +50,9 @@ class ConversionPlan(ABC):
         return recipe_store.make(self.kind, self.config.to_dict(), self.names)
 
     def format(self, dry_run: bool = False) -> str:
-        text = "\n".join(self.lines())
-        return text + ("\ndry_run=True: the model was not changed." if dry_run else "")
+        """The printed plan; a dry run says that the model was not changed."""
+        lines = self.lines(dry_run)
+        return "\n".join([*lines, "dry_run=True: the model was not changed."] if dry_run else lines)
 
     def apply(self, module: nn.Module) -> list[str]:
         """Commit the plan to ``module`` and record its recipe; on any error undo what was done and re-raise."""
