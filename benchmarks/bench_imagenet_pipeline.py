@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_ste.data import ImageNetDataModule
+from lightning_ste.recipes.data import ImageNetDataModule
 
 
 def write_tree(root: Path, images: int, classes: int = 8, seed: int = 0) -> None:

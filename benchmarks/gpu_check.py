@@ -213,7 +213,7 @@ def step_fit(dry: bool, config: str, seconds: float, batch: int, size: int) -> N
     from torch.utils.data import DataLoader, IterableDataset
 
     from lightning_ste import BlendedQuantWeights, QuantizeActivations
-    from lightning_ste.models import Classifier
+    from lightning_ste.recipes.models import Classifier
 
     dev = device(dry)
     torch.manual_seed(0)

@@ -15,9 +15,9 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from torch.utils import cpp_extension
 
 from lightning_ste import QuantReLU
-from lightning_ste.cli import ensure_wandb_does_not_prompt, format_metrics_table, run_cli
-from lightning_ste.data.synthetic import teacher_student
-from lightning_ste.figures import one_step_losses
+from lightning_ste.recipes.cli import ensure_wandb_does_not_prompt, format_metrics_table, run_cli
+from lightning_ste.recipes.data.synthetic import teacher_student
+from lightning_ste.recipes.figures import one_step_losses
 
 REPO = Path(__file__).resolve().parents[1]
 TWOLAYER = str(REPO / "recipes" / "mnist" / "twolayer.yaml")
@@ -56,7 +56,7 @@ def test_console_script_fit_with_overrides_prints_table_and_never_prompts(
     cmd = [
         sys.executable,
         "-m",
-        "lightning_ste.cli",
+        "lightning_ste.recipes.cli",
         "fit",
         "--config",
         TWOLAYER,
@@ -170,7 +170,7 @@ def test_coarse_gradient_step_is_descent_for_monotone_stes_on_many_samples() -> 
 
 def test_help_lists_subcommands_and_recipes_without_lightning_warning() -> None:
     proc = subprocess.run(
-        [sys.executable, "-m", "lightning_ste.cli", "--help"],
+        [sys.executable, "-m", "lightning_ste.recipes.cli", "--help"],
         capture_output=True,
         text=True,
         timeout=120,

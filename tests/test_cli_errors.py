@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_ste.cli import EXIT_USER_ERROR, RecipeError, main
+from lightning_ste.recipes.cli import EXIT_USER_ERROR, RecipeError, main
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"

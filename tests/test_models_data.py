@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_ste.data import (
+from lightning_ste.recipes.data import (
     CIFAR10DataModule,
     ImageNetDataModule,
     MNISTDataModule,
@@ -17,8 +17,8 @@ from lightning_ste.data import (
     TeacherStudentDataModule,
     resolve_root,
 )
-from lightning_ste.data.cifar10 import read_cifar10, write_cifar10
-from lightning_ste.models import ARCHITECTURES, Classifier, LeNet5, TeacherStudent, build_network
+from lightning_ste.recipes.data.cifar10 import read_cifar10, write_cifar10
+from lightning_ste.recipes.models import ARCHITECTURES, Classifier, LeNet5, TeacherStudent, build_network
 
 
 @pytest.mark.parametrize(
@@ -50,7 +50,7 @@ def test_imagenet_resnet18_loads_torchvision_weights_strictly(tmp_path: Path, mo
     """Cached torchvision weights load exactly (a new head aside); a foreign or missing key fails."""
     import torchvision
 
-    from lightning_ste.models.imagenet import resnet18
+    from lightning_ste.recipes.models.resnet_imagenet import resnet18
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     member = torchvision.models.get_weight("ResNet18_Weights.IMAGENET1K_V1")
@@ -173,7 +173,7 @@ def test_tensor_loader_serves_the_batches_a_plain_loader_would() -> None:
     """One index per batch gives the same batches, in the same shuffled order, as batch_size single items."""
     from torch.utils.data import DataLoader, TensorDataset
 
-    from lightning_ste.data.common import tensor_loader
+    from lightning_ste.recipes.data.common import tensor_loader
 
     x, y = torch.randn(203, 1, 4, 4), torch.arange(203)
     for shuffle, drop_last in ((True, False), (False, True)):
@@ -192,7 +192,7 @@ def test_imagenet_batches_are_uint8_in_workers_and_normalised_after_transfer(tmp
     from PIL import Image
     from torchvision import transforms
 
-    from lightning_ste.data.imagenet import MEAN, STD
+    from lightning_ste.recipes.data.imagenet import MEAN, STD
 
     rng = np.random.default_rng(0)
     for split in ("train", "val"):

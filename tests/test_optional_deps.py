@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_ste
-from lightning_ste.cli import main
+from lightning_ste.recipes.cli import main
 
 out = Path(sys.argv[1])
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_ste.cli import EXIT_SIGTERM, main, run_cli
+from lightning_ste.recipes.cli import EXIT_SIGTERM, main, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = str(REPO / "recipes" / "synthetic" / "orthogonal_subspaces.yaml")
@@ -113,7 +113,7 @@ def test_sigkilled_cli_run_resumes_bit_identically(tmp_path: Path, uninterrupted
         [
             sys.executable,
             "-m",
-            "lightning_ste.cli",
+            "lightning_ste.recipes.cli",
             *fit_args(ckpt_dir),
             signal_at(KILL_STEP, signal.SIGKILL),
         ],
@@ -144,7 +144,7 @@ def test_sigterm_saves_the_step_it_arrives_in_and_exits_143(
 
 
 def test_recipe_loader_resumes_mid_epoch_and_at_epoch_end_in_the_uninterrupted_order() -> None:
-    from lightning_ste.data import OrthogonalSubspacesDataModule
+    from lightning_ste.recipes.data import OrthogonalSubspacesDataModule
 
     def module() -> OrthogonalSubspacesDataModule:
         dm = OrthogonalSubspacesDataModule(num_classes=4, dim=2, n_train=50, n_val=10, batch_size=8)
@@ -186,7 +186,7 @@ def test_distributed_sampler_injection_keeps_the_loader_resumable() -> None:
     from lightning.pytorch.utilities.data import _update_dataloader
     from torch.utils.data import DistributedSampler
 
-    from lightning_ste.data.common import SkippingBatchSampler, tensor_loader
+    from lightning_ste.recipes.data.common import SkippingBatchSampler, tensor_loader
 
     x, y = torch.randn(40, 3), torch.arange(40)
     loader = tensor_loader(x, y, 4, shuffle=True)

@@ -17,9 +17,9 @@ from PIL import Image
 from wandb_run_file import finished_run_records, history_rows
 
 from lightning_ste import QuantReLU
-from lightning_ste.cli import run_cli
-from lightning_ste.data.cifar10 import write_cifar10
-from lightning_ste.models import Classifier
+from lightning_ste.recipes.cli import run_cli
+from lightning_ste.recipes.data.cifar10 import write_cifar10
+from lightning_ste.recipes.models import Classifier
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(p.relative_to(REPO / "recipes").as_posix() for p in (REPO / "recipes").rglob("*.yaml"))

@@ -6,11 +6,11 @@ from typing import Any
 
 from torch import nn
 
-from lightning_ste.models.imagenet import resnet18
-from lightning_ste.models.lenet5 import LeNet5
-from lightning_ste.models.resnet_cifar import ResNet20
-from lightning_ste.models.twolayer import TwoLayer
-from lightning_ste.models.vgg import VGG11
+from lightning_ste.recipes.models.lenet5 import LeNet5
+from lightning_ste.recipes.models.resnet_cifar import ResNet20
+from lightning_ste.recipes.models.resnet_imagenet import resnet18
+from lightning_ste.recipes.models.twolayer import TwoLayer
+from lightning_ste.recipes.models.vgg import VGG11
 
 __all__ = ["ARCHITECTURES", "build_network"]
 

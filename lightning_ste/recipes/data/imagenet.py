@@ -12,7 +12,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from lightning_ste.data.common import ResumableTrainData, resolve_root, resumable_loader, subset_indices
+from lightning_ste.recipes.data.common import (
+    ResumableTrainData,
+    resolve_root,
+    resumable_loader,
+    subset_indices,
+)
 
 __all__ = ["ImageNetDataModule"]
 

@@ -12,7 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_ste.data.common import ResumableTrainData, resolve_root, resumable_loader, subset_indices
+from lightning_ste.recipes.data.common import (
+    ResumableTrainData,
+    resolve_root,
+    resumable_loader,
+    subset_indices,
+)
 
 __all__ = ["CIFAR10DataModule", "read_cifar10", "write_cifar10"]
 

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_ste.models.registry import ARCHITECTURES, build_network
+from lightning_ste.recipes.models.registry import ARCHITECTURES, build_network
 
 __all__ = ["Classifier", "load_float_weights"]
 
@@ -40,7 +40,7 @@ def load_float_weights(module: nn.Module, path: str | Path, prefix: str = "net."
 
 
 class Classifier(pl.LightningModule):
-    """Image/vector classifier around a network of :mod:`lightning_ste.models` (YLZ19, BCGD19, LYX21 recipes).
+    """Image/vector classifier around a network of :mod:`lightning_ste.recipes.models` (YLZ19, BCGD19, LYX21 recipes).
 
     Logs ``train/loss`` (every ``log_every_n_steps`` steps), ``train/acc`` (per epoch), ``val/loss``,
     ``val/acc`` (and ``val/acc_top5`` with ``top5=True``) through torchmetrics; SGD (momentum, weight decay)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from lightning_ste.data.common import ResumableTrainData, tensor_loader
+from lightning_ste.recipes.data.common import ResumableTrainData, tensor_loader
 
 __all__ = [
     "OrthogonalSubspacesDataModule",

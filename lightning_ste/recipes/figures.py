@@ -1,6 +1,6 @@
 """Redraw YLZ19 Fig. 1: the teacher-student loss after one coarse-gradient step, versus the step size.
 
-``lightning-ste figure ylz19-fig1 --out fig1.png`` (or ``python -m lightning_ste.figures ylz19-fig1``).
+``lightning-ste figure ylz19-fig1 --out fig1.png`` (or ``python -m lightning_ste.recipes.figures ylz19-fig1``).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lightning_ste.data.synthetic import teacher_student
 from lightning_ste.functional import quantized_relu
+from lightning_ste.recipes.data.synthetic import teacher_student
 
 __all__ = ["FIGURES", "main", "one_step_losses", "ylz19_fig1"]
 
