@@ -518,16 +518,22 @@ def test_weight_setting_on_every_route(row: WeightRow, tmp_path: Path) -> None:
 
 
 def test_the_table_covers_every_argument() -> None:
-    """Each argument of the two callbacks and the two functions has a row (dry_run and targets included)."""
+    """Each argument of the two callbacks and the two functions has a row (dry_run and targets included);
+    a function taking a config (or its fields as keywords) has a row for each field of that config."""
+    import dataclasses
     import inspect
+
+    from lightning_ste.config import ActivationQuantConfig, WeightQuantConfig
 
     covered_act = {k for r in ACT_ROWS for k in r.kwargs} | {"targets"}
     covered_w = {k for r in WEIGHT_ROWS for k in r.kwargs} | {"example_input"}
-    for fn, covered in (
-        (QuantizeActivations.__init__, covered_act),
-        (lightning_ste.quantize_activations_, covered_act),
-        (BlendedQuantWeights.__init__, covered_w),
-        (lightning_ste.quantize_weights_, covered_w),
+    for fn, covered, config in (
+        (QuantizeActivations.__init__, covered_act, ActivationQuantConfig),
+        (lightning_ste.quantize_activations_, covered_act, ActivationQuantConfig),
+        (BlendedQuantWeights.__init__, covered_w, WeightQuantConfig),
+        (lightning_ste.quantize_weights_, covered_w, WeightQuantConfig),
     ):
         params = set(inspect.signature(fn).parameters) - {"self", "module"}
+        if {"config", "kwargs"} <= params:
+            params = params - {"config", "kwargs"} | {f.name for f in dataclasses.fields(config)}
         assert params <= covered, (fn.__qualname__, params - covered)
