@@ -1,5 +1,6 @@
 """Moved to :mod:`lightning_ste.callbacks.blended_quant_weights`."""
 
-from lightning_ste.callbacks.blended_quant_weights import BlendedQuantWeights  # moved; shim removed at integration
+# moved; shim removed at integration
+from lightning_ste.callbacks.blended_quant_weights import BlendedQuantWeights
 
 __all__ = ["BlendedQuantWeights"]
