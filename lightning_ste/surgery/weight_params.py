@@ -83,7 +83,7 @@ class WeightPlan(ConversionPlan):
             self._recipe = super().recipe()
         return self._recipe
 
-    def lines(self) -> list[str]:
+    def lines(self, dry_run: bool = False) -> list[str]:
         """Each quantized layer, then each float layer with the reason."""
         c = self.config
         kind = {1: "binary", 2: "ternary"}.get(c.bits, f"{c.bits}-bit")
