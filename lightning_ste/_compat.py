@@ -37,6 +37,7 @@ __all__ = [
     "pruning_entries",
     "pruning_original_layers",
     "pruning_parameter_names",
+    "scaler_found_inf",
     "set_pruning_entries",
     "stage_data_loader",
     "storage_use_count",
@@ -194,6 +195,24 @@ def batches_that_stepped(trainer: Any) -> int:
 def callback_state_key(callback: Any, **arguments: Any) -> str:
     """The key Lightning files a callback's state under (``Callback._generate_state_key``)."""
     return str(callback._generate_state_key(**arguments))
+
+
+def scaler_found_inf(scaler: object, optimizer: Any) -> Tensor | None:
+    """The GradScaler's own "gradients not finite" flag for ``optimizer`` (float 0/1 on the device), as
+    ``unscale_`` found it; None when ``unscale_`` has not run for this optimizer in this step.
+
+    ``scaler.step`` skips the step exactly when this is nonzero, so the blend can follow it without
+    another pass over every gradient.
+    """
+    states = getattr(scaler, "_per_optimizer_states", None)
+    state = states.get(id(optimizer)) if isinstance(states, dict) else None
+    per_device = state.get("found_inf_per_device") if isinstance(state, dict) else None
+    if not per_device:
+        return None
+    flags = list(per_device.values())
+    if len(flags) == 1:
+        return flags[0]
+    return torch.stack([f.to(flags[0].device) for f in flags]).sum()
 
 
 def pruning_entries(callback: Any) -> list[tuple[nn.Module, str]]:

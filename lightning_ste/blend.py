@@ -13,7 +13,7 @@ from typing import Any, TypeGuard
 import torch
 from torch import Tensor
 
-from lightning_ste._compat import foreach_add_, foreach_mul, foreach_mul_
+from lightning_ste._compat import foreach_add_, foreach_mul, foreach_mul_, scaler_found_inf
 
 __all__ = [
     "RhoSchedule",
@@ -88,29 +88,6 @@ def multi_blend_(latents: Sequence[Tensor], quantized: Sequence[Tensor], rho: fl
         r = rho.to(device=device, dtype=dtype) if isinstance(rho, Tensor) else rho
         foreach_mul_(ws, 1 - r)
         foreach_add_(ws, foreach_mul(qs, r))
-
-
-def scaler_found_inf(scaler: object, optimizer: torch.optim.Optimizer) -> Tensor | None:
-    """The GradScaler's own "gradients not finite" flag for ``optimizer`` (float 0/1 on the device), as
-    ``unscale_`` found it; None when ``unscale_`` has not run for this optimizer in this step.
-
-    ``scaler.step`` skips the step exactly when this is nonzero, so the blend can follow it without
-    another pass over every gradient.
-    """
-    states = _scaler_optimizer_states(scaler)
-    state = states.get(id(optimizer)) if isinstance(states, dict) else None
-    per_device = state.get("found_inf_per_device") if isinstance(state, dict) else None
-    if not per_device:
-        return None
-    flags = list(per_device.values())
-    if len(flags) == 1:
-        return flags[0]
-    return torch.stack([f.to(flags[0].device) for f in flags]).sum()
-
-
-def _scaler_optimizer_states(scaler: object) -> Any:  # TODO(_compat): move to _compat.grad_scaler_states
-    """The GradScaler's per-optimizer state dict (keyed by ``id(optimizer)``), or None."""
-    return getattr(scaler, "_per_optimizer_states", None)
 
 
 @torch.no_grad()

@@ -182,3 +182,16 @@ def test_model_pruning_internals():
     _compat.set_pruning_entries(pruner, [(other, "weight")])
     assert pruner.filter_parameters_to_prune([(other, "weight")]) == [(other, "weight")]
     assert _compat.pruning_entries(pruner) == [(other, "weight")]
+
+
+def test_scaler_found_inf_is_the_flag_step_skips_on():
+    w = nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    assert _compat.scaler_found_inf(scaler, opt) is None  # unscale_ has not run in this step
+    scaler.scale((w * float("inf")).sum()).backward()
+    scaler.unscale_(opt)
+    flag = _compat.scaler_found_inf(scaler, opt)
+    assert flag is not None and float(flag) == 1.0
+    scaler.step(opt)
+    assert torch.equal(w.detach(), torch.ones(2))  # the step was skipped, as the flag said
