@@ -191,7 +191,8 @@ def test_recipes_command_lists_every_recipe_with_its_description(
     monkeypatch.chdir(REPO)
     assert run_cli(["recipes"]) is None
     lines = capsys.readouterr().out.splitlines()
-    recipes = sorted((REPO / "recipes").rglob("*.yaml"))
+    # The recipes, not the shared base files they name (under recipes/_base/).
+    recipes = [p for p in sorted((REPO / "recipes").rglob("*.yaml")) if "_base" not in p.parts]
     assert len(lines) == 1 + len(recipes)
     for line, path in zip(lines[1:], recipes):
         name, description = line.split(maxsplit=1)
@@ -272,12 +273,21 @@ def test_compile_flag_compiles_the_converted_model(tmp_path: Path) -> None:
     torch._dynamo.reset()
 
 
-def test_recipes_for_gpus_autotune_cudnn_and_checkpoint_every_n_steps() -> None:
+def effective_config(recipe: Path, capsys: pytest.CaptureFixture) -> dict:
+    """The config the CLI reads for ``recipe`` (the base files it names, then the recipe): ``--print_config``."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        run_cli(["fit", "--config", str(recipe), "--print_config"])
+    assert not done.value.code
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def test_recipes_for_gpus_autotune_cudnn_and_checkpoint_every_n_steps(capsys: pytest.CaptureFixture) -> None:
     for path in [
         *(REPO / "recipes" / "cifar10").glob("*.yaml"),
         *(REPO / "recipes" / "imagenet").glob("*.yaml"),
     ]:
-        trainer = yaml.safe_load(path.read_text())["trainer"]
+        trainer = effective_config(path, capsys)["trainer"]
         assert trainer["benchmark"] is True, path
         steps = [
             c["init_args"]

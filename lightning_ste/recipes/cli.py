@@ -92,7 +92,8 @@ class LightningSTECLI(LightningCLI):
         except argparse.ArgumentError as err:
             message = str(err).strip()
             hint = unknown_key_hint(message, parser)
-            sub = next((a for a in (args or sys.argv[1:]) if a in self.subcommands()), None)
+            argv = args if isinstance(args, list) else sys.argv[1:]
+            sub = next((a for a in argv if a in self.subcommands()), None)
             more = f" (all settings: {PROG} {sub} --help)" if sub else f" (see {PROG} --help)"
             raise RecipeError(f"{message}{'; ' + hint if hint else ''}{more}") from err
 
@@ -171,9 +172,10 @@ class LightningSTECLI(LightningCLI):
         # callbacks to ours; its public instantiate_trainer would hand the Trainer the absent sections' None.
         trainer = self._instantiate_trainer(trainer_config, extra)
         if not trainer.loggers:  # LearningRateMonitor refuses a Trainer without a logger
-            dropped = [c for c in trainer.callbacks if isinstance(c, LearningRateMonitor)]
-            if dropped:
-                trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]
+            # Trainer.callbacks is set at run time (its callback connector), so Lightning's stubs lack it.
+            callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
+            if any(isinstance(c, LearningRateMonitor) for c in callbacks):
+                trainer.callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]  # type: ignore[attr-defined]
                 rank_zero_info("lightning-ste: no logger, so the recipe's LearningRateMonitor is left out")
         return trainer
 

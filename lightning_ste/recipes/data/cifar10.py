@@ -13,11 +13,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_ste.recipes.data.common import (
+    ResumableDataLoader,
     ResumableTrainData,
     resolve_root,
     resumable_loader,
     subset_indices,
 )
+from lightning_ste.recipes.hyperparameters import hparams
 
 __all__ = ["CIFAR10DataModule", "read_cifar10", "write_cifar10"]
 
@@ -100,7 +102,7 @@ class CIFAR10DataModule(ResumableTrainData, pl.LightningDataModule):
     def prepare_data(self) -> None:
         if (self.root / FOLDER / "test_batch").exists():
             return
-        if not self.hparams.download:
+        if not hparams(self).download:
             raise FileNotFoundError(
                 f"CIFAR-10 not found: expected {self.root / FOLDER} (or set download=True)"
             )
@@ -110,33 +112,33 @@ class CIFAR10DataModule(ResumableTrainData, pl.LightningDataModule):
 
     def _data(self, train: bool, size: int | None, augment: bool) -> _Images:
         x, y = read_cifar10(self.root, train)
-        idx = subset_indices(len(y), size, self.hparams.seed)
+        idx = subset_indices(len(y), size, hparams(self).seed)
         if idx is not None:
             x, y = x[idx], y[idx]
         return _Images(x, y, augment)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
-            self.train_data = self._data(True, self.hparams.subset, augment=True)
-        self.val_data = self._data(False, self.hparams.val_subset, augment=False)
+            self.train_data = self._data(True, hparams(self).subset, augment=True)
+        self.val_data = self._data(False, hparams(self).val_subset, augment=False)
 
-    def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        workers = self.hparams.num_workers
+    def _loader(self, data: _Images, batch_size: int, shuffle: bool) -> ResumableDataLoader:
+        workers = hparams(self).num_workers
         return resumable_loader(
             data,
             batch_size,
             shuffle,
             num_workers=workers,
-            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            pin_memory=hparams(self).pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
             drop_last=shuffle and len(data) >= 2 * batch_size,
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._resumable(self._loader(self.train_data, self.hparams.batch_size, shuffle=True))
+        return self._resumable(self._loader(self.train_data, hparams(self).batch_size, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_data, self.hparams.val_batch_size, shuffle=False)
+        return self._loader(self.val_data, hparams(self).val_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -145,7 +145,7 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        length = len(self)
+        length: float = len(self)
         if self.epoch_length is not None:
             length = min(length, self.epoch_length())
         shuffler = self._shuffler()
@@ -170,7 +170,8 @@ def resumable_loader(
 ) -> ResumableDataLoader:
     """A :class:`ResumableDataLoader` over ``dataset`` (``kwargs`` go to ``DataLoader``); with ``shuffle`` the
     order of a :class:`ResumableRandomSampler`."""
-    sampler = ResumableRandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    sized = cast(Sized, dataset)  # the recipe datasets are map-style: they have a length
+    sampler = ResumableRandomSampler(sized) if shuffle else SequentialSampler(sized)
     batches = SkippingBatchSampler(sampler, batch_size=batch_size, drop_last=drop_last)
     return ResumableDataLoader(dataset, batch_sampler=batches, **kwargs)
 

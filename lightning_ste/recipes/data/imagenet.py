@@ -13,11 +13,13 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from lightning_ste.recipes.data.common import (
+    ResumableDataLoader,
     ResumableTrainData,
     resolve_root,
     resumable_loader,
     subset_indices,
 )
+from lightning_ste.recipes.hyperparameters import hparams
 
 __all__ = ["ImageNetDataModule"]
 
@@ -66,7 +68,7 @@ class ImageNetDataModule(ResumableTrainData, pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._check_layout()
-        hp = self.hparams
+        hp = hparams(self)
         # Workers stop at uint8: a quarter of the bytes through shared memory and the host-to-device copy, and
         # no float pass per image on the CPU, the scarce resource when feeding a GPU (normalised after transfer).
         train_tf = transforms.Compose(
@@ -96,11 +98,11 @@ class ImageNetDataModule(ResumableTrainData, pl.LightningDataModule):
             ) from err
 
     def _subset(self, data: ImageFolder, size: int | None) -> Dataset:
-        idx = subset_indices(len(data), size, self.hparams.seed)
+        idx = subset_indices(len(data), size, hparams(self).seed)
         return data if idx is None else Subset(data, idx.tolist())
 
-    def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        hp = self.hparams
+    def _loader(self, data: Dataset, batch_size: int, shuffle: bool) -> ResumableDataLoader:
+        hp = hparams(self)
         workers = hp.num_workers
         return resumable_loader(
             data,
@@ -125,10 +127,10 @@ class ImageNetDataModule(ResumableTrainData, pl.LightningDataModule):
         return (x, *rest)
 
     def train_dataloader(self) -> DataLoader:
-        return self._resumable(self._loader(self.train_data, self.hparams.batch_size, shuffle=True))
+        return self._resumable(self._loader(self.train_data, hparams(self).batch_size, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_data, self.hparams.val_batch_size, shuffle=False)
+        return self._loader(self.val_data, hparams(self).val_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

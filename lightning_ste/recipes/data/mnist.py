@@ -8,6 +8,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import MNIST
 
 from lightning_ste.recipes.data.common import ResumableTrainData, resolve_root, subset_indices, tensor_loader
+from lightning_ste.recipes.hyperparameters import hparams
 
 __all__ = ["MNISTDataModule"]
 
@@ -44,7 +45,7 @@ class MNISTDataModule(ResumableTrainData, pl.LightningDataModule):
     def prepare_data(self) -> None:
         for train in (True, False):
             try:
-                MNIST(str(self.root), train=train, download=self.hparams.download)
+                MNIST(str(self.root), train=train, download=hparams(self).download)
             except RuntimeError as err:  # torchvision: "Dataset not found. You can use download=True ..."
                 raise FileNotFoundError(
                     f"MNIST not found under {str(self.root)!r} (expected {self.root / 'MNIST' / 'raw'}): pass "
@@ -54,23 +55,23 @@ class MNISTDataModule(ResumableTrainData, pl.LightningDataModule):
     def _load(self, train: bool, size: int | None) -> tuple[Tensor, Tensor]:
         ds = MNIST(str(self.root), train=train, download=False)
         x, y = ds.data, ds.targets
-        idx = subset_indices(len(y), size, self.hparams.seed)
+        idx = subset_indices(len(y), size, hparams(self).seed)
         if idx is not None:
             x, y = x[idx], y[idx]
         x = (x.float().div_(255.0) - MEAN) / STD
-        x = x.reshape(len(x), -1) if self.hparams.flatten else x.unsqueeze(1)
+        x = x.reshape(len(x), -1) if hparams(self).flatten else x.unsqueeze(1)
         return x.contiguous(), y.long()
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
-            self.train_data = self._load(True, self.hparams.subset)
-        self.val_data = self._load(False, self.hparams.val_subset)
+            self.train_data = self._load(True, hparams(self).subset)
+        self.val_data = self._load(False, hparams(self).val_subset)
 
     def train_dataloader(self) -> DataLoader:
-        return self._resumable(tensor_loader(*self.train_data, self.hparams.batch_size, shuffle=True))
+        return self._resumable(tensor_loader(*self.train_data, hparams(self).batch_size, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
-        return tensor_loader(*self.val_data, self.hparams.val_batch_size, shuffle=False)
+        return tensor_loader(*self.val_data, hparams(self).val_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_ste.recipes.data.common import ResumableTrainData, tensor_loader
+from lightning_ste.recipes.hyperparameters import hparams
 
 __all__ = [
     "OrthogonalSubspacesDataModule",
@@ -71,17 +72,18 @@ class OrthogonalSubspacesDataModule(ResumableTrainData, pl.LightningDataModule):
 
     @property
     def in_features(self) -> int:
-        return self.hparams.num_classes * self.hparams.dim
+        hp = hparams(self)
+        return hp.num_classes * hp.dim
 
     def setup(self, stage: str | None = None) -> None:
-        hp = self.hparams
+        hp = hparams(self)
         g = torch.Generator().manual_seed(hp.seed)
         self.train_data = orthogonal_subspaces(hp.num_classes, hp.dim, hp.n_train, g)
         held_out = orthogonal_subspaces(hp.num_classes, hp.dim, hp.n_val, g)
         self.val_data = self.train_data if hp.val_on_train else held_out
 
     def train_dataloader(self) -> DataLoader:
-        return self._resumable(tensor_loader(*self.train_data, self.hparams.batch_size, shuffle=True))
+        return self._resumable(tensor_loader(*self.train_data, hparams(self).batch_size, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return tensor_loader(*self.val_data, 1000, shuffle=False)
@@ -116,11 +118,11 @@ class TeacherStudentDataModule(ResumableTrainData, pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         g = torch.Generator().manual_seed(self._generator_seed)
-        self.train_data = teacher_student(self.w_star, self.v_star, self.hparams.n_train, g)
-        self.val_data = teacher_student(self.w_star, self.v_star, self.hparams.n_val, g)
+        self.train_data = teacher_student(self.w_star, self.v_star, hparams(self).n_train, g)
+        self.val_data = teacher_student(self.w_star, self.v_star, hparams(self).n_val, g)
 
     def train_dataloader(self) -> DataLoader:
-        return self._resumable(tensor_loader(*self.train_data, self.hparams.batch_size, shuffle=True))
+        return self._resumable(tensor_loader(*self.train_data, hparams(self).batch_size, shuffle=True))
 
     def val_dataloader(self) -> DataLoader:
         return tensor_loader(*self.val_data, 10000, shuffle=False)

@@ -9,10 +9,12 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_ste.recipes.hyperparameters import hparams
 from lightning_ste.recipes.models.registry import ARCHITECTURES, build_network
 
 __all__ = ["Classifier", "load_float_weights"]
@@ -88,20 +90,24 @@ class Classifier(pl.LightningModule):
             load_float_weights(self, init_from)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.hparams.channels_last and x.dim() == 4:
+        if hparams(self).channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return self.net(x)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, y = batch
         logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        loss = F.cross_entropy(logits, y, label_smoothing=hparams(self).label_smoothing)
         # update() only: the per-batch accuracy is not needed, and logging the metric object every step costs
         # Lightning a move of its whole state per step (about a millisecond, a tenth of a LeNet-5 step).
         self.train_acc.update(logits.detach(), y)
         # Logged on the steps the logger writes: Lightning's self.log costs about half a millisecond per call on
         # the CPU, a twentieth of a LeNet-5 step (so the progress bar's loss refreshes at that rate too).
-        if (self.global_step + 1) % max(self.trainer.log_every_n_steps, 1) == 0 or self.trainer.fast_dev_run:
+        trainer = (
+            self.trainer
+        )  # both attributes are set at run time, so Lightning's stubs do not declare them
+        every = trainer.log_every_n_steps  # type: ignore[attr-defined]
+        if (self.global_step + 1) % max(every, 1) == 0 or trainer.fast_dev_run:  # type: ignore[attr-defined]
             self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -129,9 +135,10 @@ class Classifier(pl.LightningModule):
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(x).argmax(dim=1)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        hp = hparams(self)
         params = [p for p in self.parameters() if p.requires_grad]
+        opt: torch.optim.Optimizer
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(
                 params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay, nesterov=hp.nesterov

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -14,7 +15,7 @@ from lightning_ste.recipes.models.vgg import VGG11
 
 __all__ = ["ARCHITECTURES", "build_network"]
 
-ARCHITECTURES = {
+ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "twolayer": TwoLayer,
     "lenet5": LeNet5,
     "vgg11": VGG11,

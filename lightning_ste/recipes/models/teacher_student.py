@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from lightning_ste.recipes.hyperparameters import hparams
+
 __all__ = ["TeacherStudent", "TeacherStudentNet"]
 
 
@@ -64,4 +66,5 @@ class TeacherStudent(pl.LightningModule):
         self.val_zero_loss.reset()
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=self.hparams.momentum)
+        hp = hparams(self)
+        return torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum)
