@@ -112,11 +112,12 @@ def _foreach_launches(name: str, args: Any) -> int:
 
 
 def _wrap_triton(tally: Tally) -> Callable[[], None]:
-    """Count every launch of the Triton kernels (bytes: their tensor arguments); returns the undo."""
-    from lightning_ste.kernels import triton_relu
+    """Count every launch of the Triton kernels (bytes: their tensor arguments); returns the undo. They are
+    wrapped where they are launched: :mod:`lightning_ste.kernels.triton_ops` looks them up in its globals."""
+    from lightning_ste.kernels import triton_ops
 
-    names = [n for n in dir(triton_relu) if n.startswith("_qrelu_") and n.endswith("_kernel")]
-    originals = {n: getattr(triton_relu, n) for n in names}
+    names = [n for n in dir(triton_ops) if n.startswith("qrelu_") and n.endswith("_kernel")]
+    originals = {n: getattr(triton_ops, n) for n in names}
 
     class Launcher:
         def __init__(self, name: str, kernel: Any) -> None:
@@ -132,11 +133,11 @@ def _wrap_triton(tally: Tally) -> Callable[[], None]:
             return launch
 
     for n, k in originals.items():
-        setattr(triton_relu, n, Launcher(n, k))
+        setattr(triton_ops, n, Launcher(n, k))
 
     def undo() -> None:
         for n, k in originals.items():
-            setattr(triton_relu, n, k)
+            setattr(triton_ops, n, k)
 
     return undo
 

@@ -324,7 +324,7 @@ for dt, nearest in (("fp32", False), ("fp16", True), ("bf16", True)):
            "levels": "fp32", "alpha_floor": "fp32", "NEAREST": "constexpr", "WANT_CODE": "constexpr",
            "OUT_BF16": "constexpr", "BLOCK": "constexpr"}
     const = {"NEAREST": nearest, "WANT_CODE": True, "OUT_BF16": dt == "bf16", "BLOCK": T.BLOCK}
-    ptx = triton.compile(ASTSource(T._qrelu_fwd_kernel, sig, constexprs=const), target=target, options=options).asm["ptx"]
+    ptx = triton.compile(ASTSource(T.qrelu_fwd_kernel, sig, constexprs=const), target=target, options=options).asm["ptx"]
     assert "div.rn.f32" in ptx, "forward: IEEE division expected"
     fused_multiply_add += ["fma" in ptx]
 for dt, (from_x, gx, alpha) in zip(("fp32", "fp16", "bf16", "bf16", "fp16"), ((0, 1, 1), (0, 0, 2), (1, 2, 1), (1, 0, 2), (0, 1, 0))):
@@ -335,7 +335,7 @@ for dt, (from_x, gx, alpha) in zip(("fp32", "fp16", "bf16", "bf16", "fp16"), ((0
            "OUT_BF16": "constexpr", "BLOCK": "constexpr", "RBLOCK": "constexpr"}
     const = {"FROM_X": bool(from_x), "GX": gx, "ALPHA": alpha, "OUT_BF16": dt == "bf16", "BLOCK": T.BLOCK,
              "RBLOCK": 1024}
-    ptx = triton.compile(ASTSource(T._qrelu_bwd_kernel, sig, constexprs=const), target=target, options=options).asm["ptx"]
+    ptx = triton.compile(ASTSource(T.qrelu_bwd_kernel, sig, constexprs=const), target=target, options=options).asm["ptx"]
     assert ("atom" in ptx) == (alpha != 0), "backward: the last-program counter is an atomic"
     fused_multiply_add += ["fma" in ptx]
 assert not any(fused_multiply_add), "a fused multiply-add would round differently from torch"

@@ -48,14 +48,15 @@ def setting() -> str:
 
 
 def triton_module() -> ModuleType | None:
-    """:mod:`lightning_ste.kernels.triton_relu`, imported on first use; None when Triton does not import."""
+    """:mod:`lightning_ste.kernels.triton_ops` (which imports the kernels), imported on first use; None when
+    Triton does not import."""
     if "module" not in _triton:
         try:
-            from lightning_ste.kernels import triton_relu
+            from lightning_ste.kernels import triton_ops
         except Exception as err:  # no triton, no GPU driver for it, ...
             _triton["module"], _triton["error"] = None, f"{type(err).__name__}: {err}"
         else:
-            _triton["module"] = triton_relu
+            _triton["module"] = triton_ops
     return _triton["module"]  # type: ignore[return-value]
 
 
