@@ -21,11 +21,11 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_ste.callbacks.activations import QuantizeActivations
-from lightning_ste.convert import quantize_activations_
+from lightning_ste.callbacks.quantize_activations import QuantizeActivations
 from lightning_ste.recipes.data import MNISTDataModule
 from lightning_ste.recipes.models import Classifier
 from lightning_ste.recipes.models.lenet5 import LeNet5
+from lightning_ste.surgery.activation_plan import quantize_activations_
 
 ACT = {"bits": 4, "ste": "clipped_relu", "alpha": "fixed"}
 OPT = {"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}

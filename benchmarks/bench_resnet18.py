@@ -37,8 +37,9 @@ from torch import nn
 
 import lightning_ste
 from lightning_ste.blend import bcgd_blend_
-from lightning_ste.convert import quantize_activations_
-from lightning_ste.weights import quantize_weights_, quantized_layers
+from lightning_ste.inspect import quantized_layers
+from lightning_ste.surgery.activation_plan import quantize_activations_
+from lightning_ste.surgery.weight_params import quantize_weights_
 
 CONFIGS = (
     "fp32",

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_ste
-from lightning_ste.weights import quantized_layers
+from lightning_ste.inspect import quantized_layers
 
 
 class Built(L.LightningModule):

@@ -42,35 +42,35 @@ MUTANTS = [
     # a setting lost on its way to the quantizer
     Mutant(
         "act-alpha_lr_scale-default",
-        "lightning_ste/convert.py",
-        'alpha_lr_scale=arguments["alpha_lr_scale"],',
+        "lightning_ste/surgery/activation_plan.py",
+        "alpha_lr_scale=c.alpha_lr_scale,",
         "alpha_lr_scale=0.01,",
         (SETTINGS + "::test_activation_setting_on_every_route",),
     ),
     Mutant(
         "act-recipe-rounding-default",
-        "lightning_ste/convert.py",
-        'arguments = dict(recipe["arguments"])',
-        'arguments = {**dict(recipe["arguments"]), "rounding": "ceil"}',
+        "lightning_ste/surgery/activation_plan.py",
+        'config = ActivationQuantConfig.from_dict(recipe["arguments"])',
+        'config = ActivationQuantConfig.from_dict({**recipe["arguments"], "rounding": "ceil"})',
         (SETTINGS + "::test_activation_setting_on_every_route",),
     ),
     Mutant(
         "act-recipe-bits-default",
-        "lightning_ste/convert.py",
-        'arguments = dict(recipe["arguments"])',
-        'arguments = {**dict(recipe["arguments"]), "bits": 4}',
+        "lightning_ste/surgery/activation_plan.py",
+        'config = ActivationQuantConfig.from_dict(recipe["arguments"])',
+        'config = ActivationQuantConfig.from_dict({**recipe["arguments"], "bits": 4})',
         (SETTINGS + "::test_activation_setting_on_every_route",),
     ),
     Mutant(
         "weights-recipe-per_channel-default",
-        "lightning_ste/weights.py",
+        "lightning_ste/surgery/weight_params.py",
         'arguments = dict(recipe.get("arguments") or {})',
         'arguments = {**dict(recipe.get("arguments") or {}), "per_channel": False}',
         (SETTINGS + "::test_weight_setting_on_every_route",),
     ),
     Mutant(
         "calibration_batches-ignored",
-        "lightning_ste/modules.py",
+        "lightning_ste/quantizers/activation.py",
         "self.calibrated_batches < self.calibration_batches",
         "self.calibrated_batches < 1",
         (SETTINGS + "::test_activation_setting_on_every_route",),
@@ -94,7 +94,7 @@ MUTANTS = [
     Mutant(
         "freeze-floor-dropped",
         "lightning_ste/export.py",
-        "value = torch.as_tensor(alpha, dtype=torch.float32).detach().clone().clamp_min(F_ste.ALPHA_FLOOR)",
+        "value = torch.as_tensor(alpha, dtype=torch.float32).detach().clone().clamp_min(ALPHA_FLOOR)",
         "value = torch.as_tensor(alpha, dtype=torch.float32).detach().clone()",
         (
             "tests/test_export.py::test_frozen_and_packed_models_match_the_trained_one_with_alpha_below_its_floor",
@@ -103,7 +103,7 @@ MUTANTS = [
     # DDP calibration semantics
     Mutant(
         "ddp-calibration-rank0",
-        "lightning_ste/callbacks/activations.py",
+        "lightning_ste/callbacks/quantize_activations.py",
         "gathered.reshape(-1, len(changed)).amax(0)",
         "gathered.reshape(-1, len(changed))[0]",
         ("tests/test_ddp_calibration.py",),
@@ -111,7 +111,7 @@ MUTANTS = [
     # the math
     Mutant(
         "alpha-grad-mean-region-weight",
-        "lightning_ste/functional.py",
+        "lightning_ste/quantizers/activation.py",
         '"mean": (float(2 ** (bits - 1)), float(levels)),',
         '"mean": (float(2**bits), float(levels)),',
         ("tests/test_callback_activations.py::test_learned_alpha_is_added_to_a_hand_written_optimizer_once",),
@@ -126,8 +126,8 @@ MUTANTS = [
     Mutant(
         "blend-wrong-order",
         "lightning_ste/blend.py",
-        "torch._foreach_mul_(ws, 1 - r)\n        torch._foreach_add_(ws, torch._foreach_mul(qs, r))",
-        "torch._foreach_mul_(ws, r)\n        torch._foreach_add_(ws, torch._foreach_mul(qs, 1 - r))",
+        "foreach_mul_(ws, 1 - r)\n        foreach_add_(ws, foreach_mul(qs, r))",
+        "foreach_mul_(ws, r)\n        foreach_add_(ws, foreach_mul(qs, 1 - r))",
         (SETTINGS + "::test_weight_setting_on_every_route",),
     ),
     Mutant(  # the single-tensor blend (taken under ModelPruning's mask)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "AroundSubcommand",
     "apply_batch_transfer",
     "attached_trainer",
     "batches_that_stepped",
@@ -27,6 +28,8 @@ __all__ = [
     "foreach_norm",
     "foreach_sign",
     "format_import_block",
+    "instantiate_cli_trainer",
+    "parser_option_names",
     "forward_from_source",
     "module_slots",
     "non_persistent_buffers",
@@ -50,7 +53,7 @@ __all__ = [
 
 def parameter_slots(module: nn.Module) -> dict[str, nn.Parameter | None]:
     """The module's own parameter dict, live (``None`` entries included, order kept; writes take effect)."""
-    return module._parameters  # type: ignore[return-value]
+    return module._parameters
 
 
 def buffer_slots(module: nn.Module) -> dict[str, Tensor | None]:
@@ -231,3 +234,37 @@ def pruning_parameter_names(callback: Any) -> list[str]:
 def pruning_original_layers(callback: Any) -> dict[int, Any] | None:
     """ModelPruning's lottery-ticket copies of the original layers, keyed by ``id`` (None when not kept)."""
     return callback._original_layers
+
+
+def instantiate_cli_trainer(cli: Any, config: dict[str, Any], callbacks: list[Any]) -> Any:
+    """LightningCLI's step that adds the config's, the defaults' and the save-config callbacks to ``callbacks``
+    and builds the Trainer (its public ``instantiate_trainer`` would also hand over absent sections' None)."""
+    return cli._instantiate_trainer(config, callbacks)
+
+
+class AroundSubcommand:
+    """A LightningCLI mixin: :meth:`around_subcommand` wraps the whole run of ``fit``/``validate``/...
+
+    LightningCLI runs a subcommand (``before_<sub>``, ``trainer.<sub>``, ``after_<sub>``) in its private
+    ``_run_subcommand``; no public hook spans the run.
+    """
+
+    def around_subcommand(self, subcommand: str, run: Callable[[], None]) -> None:
+        run()
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        parent = super()._run_subcommand  # type: ignore[misc]
+        self.around_subcommand(subcommand, lambda: parent(subcommand))
+
+
+def parser_option_names(parser: Any) -> set[str]:
+    """Every ``--option`` of an argparse/jsonargparse parser and of its subcommands, without the dashes."""
+    keys: set[str] = set()
+    stack = [parser]
+    while stack:
+        p = stack.pop()
+        keys.update(o[2:] for o in getattr(p, "_option_string_actions", {}) if o.startswith("--"))
+        action = getattr(p, "_subcommands_action", None)
+        if action is not None:
+            stack.extend(action.choices.values())
+    return keys

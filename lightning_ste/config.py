@@ -53,7 +53,7 @@ DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.ConvTranspose3d,
 )
 
-_C = TypeVar("_C", "ActivationQuantConfig", "WeightQuantConfig")
+_C = TypeVar("_C", bound="_Config")
 
 
 # ------------------------------------------------------------------------------------------ validators
@@ -167,7 +167,7 @@ def type_from_name(name: str) -> type[nn.Module]:
     obj: Any = importlib.import_module(module_name)
     for part in qualname.split("."):
         obj = getattr(obj, part)
-    return obj  # type: ignore[no-any-return]
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------- configs
@@ -178,7 +178,7 @@ class _Config:
 
     def replace(self: _C, **changes: Any) -> _C:
         """A copy with ``changes`` applied, validated again."""
-        return dataclasses.replace(self, **changes)
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
     @classmethod
     def from_dict(cls: type[_C], arguments: Mapping[str, Any]) -> _C:
@@ -304,7 +304,7 @@ class WeightQuantConfig(_Config):
         check_bool("keep_first_last", self.keep_first_last)
         types = self.layer_types
         if isinstance(types, (list, tuple)) and types and all(isinstance(t, str) for t in types):
-            types = tuple(type_from_name(t) for t in types)  # type: ignore[arg-type]
+            types = tuple(type_from_name(t) for t in types)
         normal = {
             "include": check_patterns(self.include, "include"),
             "exclude": check_patterns(self.exclude, "exclude"),

@@ -14,7 +14,8 @@ from typing import NamedTuple
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from lightning_ste.modules import QuantReLU, WeightQuantizer
+from lightning_ste.quantizers.activation import QuantReLU
+from lightning_ste.quantizers.weight import WeightQuantizer
 
 __all__ = ["QuantizedLayer", "activation_sites", "quantized_layers", "weight_chain", "weight_quantizer"]
 

@@ -108,10 +108,10 @@ def apply_recipes(module: nn.Module, recipes: Iterable[dict[str, Any]]) -> nn.Mo
         if recipe in recipes_on(module):
             continue
         if recipe["kind"] == "activations":
-            from lightning_ste.convert import apply_recipe
+            from lightning_ste.surgery.activation_plan import apply_recipe
         else:
             # Imported here: the activation path does not need the weight quantizer module.
-            from lightning_ste.weights import apply_recipe
+            from lightning_ste.surgery.weight_params import apply_recipe
         apply_recipe(module, recipe)
     return module
 
@@ -125,7 +125,7 @@ def recipes_of(checkpoint: dict[str, Any], kind: str | None = None) -> list[dict
 def _init_kwargs(cls: type, hparams: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
     """Constructor arguments as Lightning builds them: saved hyperparameters, overridden by ``kwargs``."""
     merged = {**hparams, **kwargs}
-    parameters = inspect.signature(cls.__init__).parameters
+    parameters = inspect.signature(cls).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         return merged
     return {k: v for k, v in merged.items() if k in parameters}
@@ -151,7 +151,7 @@ def load_from_checkpoint(
         configure_model()  # layers built there exist before the recipes are replayed, as in the Trainer
     recipes = recipes_of(checkpoint)
     if any(r.get("kind") == "weights" for r in recipes if isinstance(r, dict)):
-        from lightning_ste.weights import lazy_modules, materialize_lazy_
+        from lightning_ste.surgery.lazy import lazy_modules, materialize_lazy_
 
         if lazy_modules(model):
             # Lazy layers get their shapes from one probe forward (their values then come from the checkpoint).
@@ -163,7 +163,8 @@ def load_from_checkpoint(
                 )
             materialize_lazy_(model, example)
     apply_recipes(model, recipes)
-    if hasattr(model, "on_load_checkpoint"):
-        model.on_load_checkpoint(checkpoint)
+    hook = getattr(model, "on_load_checkpoint", None)
+    if callable(hook):
+        hook(checkpoint)
     model.load_state_dict(checkpoint["state_dict"], strict=True)
     return model.eval()

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 import lightning_ste
 from lightning_ste import QuantReLU
-from lightning_ste.modules import WeightQuantizer
+from lightning_ste.quantizers.weight import WeightQuantizer
 
 WEIGHT_TYPES = (
     nn.Linear,

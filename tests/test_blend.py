@@ -11,7 +11,7 @@ from torch import nn
 from lightning_ste.blend import RhoSchedule, bcgd_blend_, blend_, check_rho, grads_finite
 from lightning_ste.functional import quantize_weight
 from lightning_ste.inspect import quantized_layers
-from lightning_ste.modules import WeightQuantizer
+from lightning_ste.quantizers.weight import WeightQuantizer
 from lightning_ste.surgery.weight_params import apply_recipe, plan_weights, quantize_weights_
 
 

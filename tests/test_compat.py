@@ -195,3 +195,32 @@ def test_scaler_found_inf_is_the_flag_step_skips_on():
     assert flag is not None and float(flag) == 1.0
     scaler.step(opt)
     assert torch.equal(w.detach(), torch.ones(2))  # the step was skipped, as the flag said
+
+
+class _Marker(Callback):
+    pass
+
+
+def test_lightning_cli_internals(tmp_path):
+    from lightning.pytorch.cli import LightningCLI
+
+    class CLI(_compat.AroundSubcommand, LightningCLI):
+        def around_subcommand(self, subcommand, run):
+            self.seen = (subcommand, self.trainer.global_step)
+            run()
+            self.after = self.trainer.global_step
+
+    args = [
+        "fit",
+        "--trainer.fast_dev_run=1",
+        "--trainer.logger=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    cli = CLI(BoringModel, args=args)
+    assert cli.seen == ("fit", 0) and cli.after == 1  # the hook wrapped the whole run
+    marker = _Marker()
+    config = {"max_steps": 2, "logger": False, "callbacks": None}
+    trainer = _compat.instantiate_cli_trainer(cli, config, [marker])
+    assert isinstance(trainer, pl.Trainer) and trainer.max_steps == 2 and marker in trainer.callbacks
+    names = _compat.parser_option_names(cli.parser)
+    assert {"trainer.max_epochs", "trainer.fast_dev_run", "optimizer"} <= names

@@ -22,7 +22,6 @@ from lightning_ste import (
     quantize_weights_,
 )
 from lightning_ste.bit_summary import summary
-from lightning_ste.data.mnist import MNISTDataModule
 from lightning_ste.export import (
     FrozenQuantReLU,
     freeze,
@@ -32,6 +31,7 @@ from lightning_ste.export import (
     to_onnx,
     unpack_bits,
 )
+from lightning_ste.recipes.data.mnist import MNISTDataModule
 
 
 def resnet18_w1a4() -> nn.Module:

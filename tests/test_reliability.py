@@ -600,7 +600,7 @@ def _quantized_at_bad_entry(
 ) -> list[torch.Tensor]:
     """q(W)[3] through the module and through weight_codes, for a W whose entry 3 is ``bad``."""
     from lightning_ste.functional import weight_codes
-    from lightning_ste.modules import WeightQuantizer
+    from lightning_ste.quantizers.weight import WeightQuantizer
 
     w = torch.randn(w_shape)
     w.view(-1)[3] = bad

@@ -24,8 +24,8 @@ from lightning_ste import (
     quantize_weights_,
 )
 from lightning_ste.callbacks.telemetry import CHART_FILENAME
-from lightning_ste.data.mnist import MNISTDataModule
 from lightning_ste.occupancy import _replicated_histogram, level_counts
+from lightning_ste.recipes.data.mnist import MNISTDataModule
 
 # One training batch, seen at every step: alpha = 0.5, bits = 2 (L = 3, L*alpha = 1.5), ceil rounding.
 X = torch.tensor([[-1.0, 0.0, 0.2, 0.6, 1.4, 1.6, 2.0, 3.0]]).repeat(2, 1)

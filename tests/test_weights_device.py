@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ste import BlendedQuantWeights
 from lightning_ste.blend import bcgd_blend_, blend_, multi_blend_, scaler_found_inf
 from lightning_ste.functional import binary_weight_multi
+from lightning_ste.inspect import quantized_layers
 from lightning_ste.kernels import cpu as cpu_kernels
 from lightning_ste.quantizers.weight import WeightQuantizer, prepare_weights_
-from lightning_ste.weights import quantize_weights_, quantized_layers
+from lightning_ste.surgery.weight_params import quantize_weights_
 
 
 class CountOps(TorchDispatchMode):

@@ -41,7 +41,7 @@ from lightning_ste.callbacks._interop import (
 )
 from lightning_ste.config import DEFAULT_LAYER_TYPES, WeightQuantConfig, check_bool
 from lightning_ste.inspect import quantized_layers
-from lightning_ste.modules import WeightQuantizer, prepare_weights_
+from lightning_ste.quantizers.weight import WeightQuantizer, prepare_weights_
 from lightning_ste.surgery.lazy import lazy_modules
 from lightning_ste.surgery.weight_params import (
     RECIPE_KIND,

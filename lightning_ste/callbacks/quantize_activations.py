@@ -18,7 +18,7 @@ from lightning_ste.callbacks._interop import (
     cancel_after_configure_model,
     recopy_earlier_swa,
 )
-from lightning_ste.config import ALPHA_FLOOR, ActivationQuantConfig
+from lightning_ste.config import ALPHA_FLOOR, ActivationQuantConfig, check_bool
 from lightning_ste.quantizers.activation import QuantReLU
 from lightning_ste.surgery.activation_plan import ActivationPlan, plan_activations
 
@@ -76,9 +76,7 @@ class QuantizeActivations(Callback):
             calibration_batches=calibration_batches,
             targets=targets,
         )
-        if not isinstance(dry_run, bool):
-            raise ValueError(f"`dry_run` must be a bool, got {dry_run!r}")
-        self.dry_run = dry_run
+        self.dry_run = check_bool("dry_run", dry_run)
         self.sites: list[str] = []
         self._announced_param_group = False
         self._calibrating: list[tuple[QuantReLU, int]] = []

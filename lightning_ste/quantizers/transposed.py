@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from lightning_ste import functional as F_ste
-from lightning_ste.modules import WeightQuantizer
+from lightning_ste.quantizers.weight import WeightQuantizer
 
 __all__ = ["TransposedWeightQuantizer"]
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from lightning_ste import _compat
 from lightning_ste.recipes.errors import (
     CALLBACK_SECTIONS,
     DEBUG_ENV,
@@ -64,7 +65,7 @@ __all__ = [
 ]
 
 
-class LightningSTECLI(LightningCLI):
+class LightningSTECLI(_compat.AroundSubcommand, LightningCLI):
     """LightningCLI with the quantization callback sections, ``--compile``, SIGTERM checkpoints, one-screen user
     errors (:class:`RecipeError`) and a final table of the validation metrics."""
 
@@ -168,9 +169,7 @@ class LightningSTECLI(LightningCLI):
         extra = [c for c in (self._setting(k) for k in CALLBACK_SECTIONS) if c is not None]
         extra.append(SaveOnSigterm())
         trainer_config = {**self._setting("trainer", default={}), **kwargs}
-        # TODO(_compat): LightningCLI._instantiate_trainer adds the config's, the defaults' and the save-config
-        # callbacks to ours; its public instantiate_trainer would hand the Trainer the absent sections' None.
-        trainer = self._instantiate_trainer(trainer_config, extra)
+        trainer: pl.Trainer = _compat.instantiate_cli_trainer(self, trainer_config, extra)
         if not trainer.loggers:  # LearningRateMonitor refuses a Trainer without a logger
             # Trainer.callbacks is set at run time (its callback connector), so Lightning's stubs lack it.
             callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]
@@ -179,9 +178,8 @@ class LightningSTECLI(LightningCLI):
                 rank_zero_info("lightning-ste: no logger, so the recipe's LearningRateMonitor is left out")
         return trainer
 
-    # TODO(_compat): LightningCLI runs a subcommand through this private method (no public hook spans the run).
     @override
-    def _run_subcommand(self, subcommand: str) -> None:
+    def around_subcommand(self, subcommand: str, run: Callable[[], None]) -> None:
         choice = self._sub_config().get("compile", False)
         compiled = choice not in (False, None, "false", "False")
         if compiled:
@@ -190,7 +188,7 @@ class LightningSTECLI(LightningCLI):
             backend = "inductor" if choice in (True, "true", "True") else str(choice)
             self.model.forward = torch.compile(self.model.forward, backend=backend)
         try:
-            super()._run_subcommand(subcommand)
+            run()
         except SIGTERMException:
             raise
         except Exception as err:

@@ -12,6 +12,8 @@ from typing import Any
 
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_ste import _compat
+
 __all__ = [
     "CALLBACK_SECTIONS",
     "DEBUG_ENV",
@@ -105,23 +107,9 @@ def setting_of(exc: BaseException, config: Any) -> str | None:
     return None
 
 
-def _option_names(parser: Any) -> set[str]:
-    """Every ``--option`` of ``parser`` and of its subcommands, without the dashes."""
-    keys: set[str] = set()
-    stack = [parser]
-    while stack:
-        p = stack.pop()
-        # TODO(_compat): argparse's option table and jsonargparse's subcommand action have no public accessor.
-        keys.update(o[2:] for o in getattr(p, "_option_string_actions", {}) if o.startswith("--"))
-        action = getattr(p, "_subcommands_action", None)
-        if action is not None:
-            stack.extend(action.choices.values())
-    return keys
-
-
 def unknown_key_hint(message: str, parser: Any) -> str:
     """Close matches of the options named as not accepted in a jsonargparse message."""
-    keys = sorted(_option_names(parser))
+    keys = sorted(_compat.parser_option_names(parser))
     hints = []
     named = re.findall(r"(?:option|key)s? '([^']+)'", message)
     if "unrecognized arguments" in message:

@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_ste import recipe as recipe_store
 from lightning_ste._compat import module_slots
-from lightning_ste.config import ActivationQuantConfig
+from lightning_ste.config import ActivationQuantConfig, check_bool
 from lightning_ste.quantizers.activation import QuantReLU
 from lightning_ste.quantizers.resolution import half_gaussian_resolution
 from lightning_ste.surgery.fx_rewrite import (
@@ -226,8 +226,7 @@ def quantize_activations_(
     ``calibration_batches``, ``targets``). Returns the names of the converted sites; ``dry_run=True`` prints
     the plan and changes nothing. The model is unchanged when an error is raised.
     """
-    if not isinstance(dry_run, bool):
-        raise ValueError(f"`dry_run` must be a bool, got {dry_run!r}")
+    check_bool("dry_run", dry_run)
     plan = plan_activations(module, config, **kwargs)
     if (message := plan.warning()) is not None:
         warnings.warn(message, UserWarning, stacklevel=2)

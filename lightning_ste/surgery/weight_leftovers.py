@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from lightning_ste._compat import norm_layer_types, parameter_slots
-from lightning_ste.modules import QuantReLU, WeightQuantizer
+from lightning_ste.quantizers.activation import QuantReLU
+from lightning_ste.quantizers.weight import WeightQuantizer
 
 __all__ = ["float_leftovers", "qualified", "weight_users"]
 

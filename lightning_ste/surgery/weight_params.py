@@ -23,8 +23,8 @@ from lightning_ste import recipe as recipe_store
 from lightning_ste._compat import parameter_slots
 from lightning_ste.config import WeightQuantConfig, check_bool
 from lightning_ste.inspect import quantized_layers, weight_quantizer
-from lightning_ste.modules import WeightQuantizer
 from lightning_ste.quantizers.transposed import TransposedWeightQuantizer
+from lightning_ste.quantizers.weight import WeightQuantizer
 from lightning_ste.surgery.lazy import execution_order, lazy_modules, materialize_lazy_
 from lightning_ste.surgery.plan import ConversionPlan, select_names
 from lightning_ste.surgery.weight_leftovers import float_leftovers, weight_users

@@ -1,1 +1,0 @@
-"""Moved to lightning_ste.recipes.data; shim removed at integration."""
