@@ -137,6 +137,21 @@ MUTANTS = [
         "return latent.mul_(rho).add_(quantized.to(latent.dtype) * (1 - rho))",
         ("tests/test_blend.py",),
     ),
+    # the one plan shape and the one recipe store
+    Mutant(
+        "plan-apply-no-undo",
+        "lightning_ste/surgery/plan.py",
+        "        except BaseException:\n            self.revert()\n            raise",
+        "        except BaseException:\n            raise",
+        ("tests/test_plan.py",),
+    ),
+    Mutant(
+        "recipe-not-written",
+        "lightning_ste/recipe.py",
+        '        checkpoint[CHECKPOINT_KEY] = {"recipes": copy.deepcopy(recipes)}',
+        "        pass",
+        ("tests/test_callback_weights.py::test_resume_is_bit_exact_and_load_rebuilds_the_model",),
+    ),
     Mutant(
         "packed-load-lenient",
         "lightning_ste/export.py",

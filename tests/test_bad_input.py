@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_ste import BlendedQuantWeights, QuantizeActivations, quantize_activations_, quantize_weights_
+from lightning_ste.recipe import recipes_on
 
 NAN, INF = float("nan"), float("inf")
 
@@ -164,7 +165,7 @@ def assert_unchanged(model: nn.Module, before: tuple[Any, ...]) -> None:
     after = model.state_dict()
     assert list(after) == list(state) and all(torch.equal(after[k], v) for k, v in state.items())
     assert dict(model._modules) == modules and ("forward" in model.__dict__) == own_forward
-    assert not hasattr(model, "_lightning_ste_recipes")
+    assert not recipes_on(model)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
     with torch.no_grad():
         assert torch.equal(model.eval()(X), out)
@@ -240,7 +241,7 @@ def test_selection_that_finds_nothing_fails_at_setup_and_leaves_the_model_unchan
     assert_unchanged(model, before)
     if partner_first:  # the model still trains afterwards, converted by working callbacks
         fit(model, [QuantizeActivations(), BlendedQuantWeights()])
-        assert hasattr(model, "_lightning_ste_recipes")
+        assert recipes_on(model)
 
 
 @SETTINGS

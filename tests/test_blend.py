@@ -12,6 +12,7 @@ from lightning_ste.blend import RhoSchedule, bcgd_blend_, blend_, check_rho, gra
 from lightning_ste.functional import quantize_weight
 from lightning_ste.inspect import quantized_layers
 from lightning_ste.quantizers.weight import WeightQuantizer
+from lightning_ste.recipe import recipes_on
 from lightning_ste.surgery.weight_params import apply_recipe, plan_weights, quantize_weights_
 
 
@@ -177,7 +178,7 @@ def test_quantize_weights_parametrizes_only_weights() -> None:
         "body.parametrizations.weight.original",
     } <= keys
     assert "body.weight" not in keys
-    assert m._lightning_ste_recipes[-1]["sites"] == names
+    assert recipes_on(m)[-1]["sites"] == names
 
 
 def test_keep_first_last_uses_execution_order_and_apply_recipe_rebuilds() -> None:
@@ -193,7 +194,7 @@ def test_keep_first_last_uses_execution_order_and_apply_recipe_rebuilds() -> Non
     assert "kept by `keep_first_last` (first in execution order)" in plan.format()
 
     fresh = DefinedBackwards()
-    assert apply_recipe(fresh, m._lightning_ste_recipes[0]) == ["body"]
+    assert apply_recipe(fresh, recipes_on(m)[0]) == ["body"]
     assert set(fresh.state_dict()) == set(m.state_dict())
     fresh.load_state_dict(m.state_dict())
     m.eval(), fresh.eval()
@@ -204,7 +205,7 @@ def test_dry_run_changes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     m = DefinedBackwards()
     keys = list(m.state_dict())
     assert quantize_weights_(m, include="b*", dry_run=True) == ["body"]
-    assert list(m.state_dict()) == keys and not hasattr(m, "_lightning_ste_recipes")
+    assert list(m.state_dict()) == keys and not recipes_on(m)
     out = capsys.readouterr().out
     assert "quantize  body" in out and "float     head (Linear): not matched by `include`" in out
 
@@ -235,7 +236,7 @@ def test_bad_conversion_leaves_module_unchanged(kwargs: dict, name: str) -> None
         quantize_weights_(m, **kwargs)
     after = m.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
-    assert not hasattr(m, "_lightning_ste_recipes")
+    assert not recipes_on(m)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

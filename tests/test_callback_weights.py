@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_ste import BlendedQuantWeights
 from lightning_ste.functional import weight_codes
 from lightning_ste.inspect import quantized_layers
+from lightning_ste.recipe import recipes_on
 from lightning_ste.surgery.weight_params import apply_recipe
 
 TRAINER_KW: dict[str, Any] = dict(
@@ -251,7 +252,7 @@ def test_second_fit_does_not_convert_again() -> None:
     L.Trainer(max_steps=2, callbacks=[cb], **TRAINER_KW).fit(model, data)
     L.Trainer(max_steps=2, callbacks=[cb], **TRAINER_KW).fit(model, data)
     L.Trainer(callbacks=[cb], **TRAINER_KW).validate(model, data, verbose=False)
-    assert len(model._lightning_ste_recipes) == 1
+    assert len(recipes_on(model)) == 1
     assert [n for n, *_ in quantized_layers(model)] == ["fc1", "fc2"]
 
 
@@ -294,7 +295,7 @@ def test_keep_first_last_keeps_first_and_last_in_execution_order() -> None:
         for lg in loggers:
             lg.removeHandler(handler)
     assert [n for n, *_ in quantized_layers(model)] == ["mid"]
-    assert model._lightning_ste_recipes[0]["sites"] == ["mid"]
+    assert recipes_on(model)[0]["sites"] == ["mid"]
     log = "\n".join(handler.messages)
     assert "keep_first_last kept in float: inp, out" in log
     assert "quantize  mid" in log
@@ -305,7 +306,7 @@ def test_dry_run_prints_plan_and_trains_float() -> None:
     keys = list(model.state_dict())
     trainer = L.Trainer(max_steps=1, callbacks=[BlendedQuantWeights(dry_run=True)], **TRAINER_KW)
     trainer.fit(model, DataLoader(make_data(dtype=torch.float32), batch_size=4))
-    assert list(model.state_dict()) == keys and not hasattr(model, "_lightning_ste_recipes")
+    assert list(model.state_dict()) == keys and not recipes_on(model)
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -348,7 +349,7 @@ def test_nothing_selected_fails_at_setup_with_model_unchanged(kwargs: dict, name
         trainer.fit(model, DataLoader(make_data(dtype=torch.float32), batch_size=4))
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
-    assert not hasattr(model, "_lightning_ste_recipes")
+    assert not recipes_on(model)
 
 
 # -------------------------------------------------------------------------------------- checkpoints
@@ -409,7 +410,7 @@ def test_resume_follows_the_checkpoint_recipe(tmp_path: Path) -> None:
         resumed = _fit(tmp_path, 2, BlendedQuantWeights(bits=1, rho=0.05), ckpt=ckpt)
     assert [n for n, *_ in quantized_layers(resumed)] == ["fc1"]
     assert resumed.fc1.parametrizations.weight[0].bits == 2
-    assert resumed._lightning_ste_recipes[0]["arguments"]["bits"] == 2
+    assert recipes_on(resumed)[0]["arguments"]["bits"] == 2
     straight = _fit(tmp_path, 2, BlendedQuantWeights(bits=2, include="fc1", rho=0.05))
     _equal_states(resumed, straight)
 
@@ -480,7 +481,7 @@ def test_with_quantize_activations_and_load_from_checkpoint(tmp_path: Path, weig
     trainer.fit(model, DataLoader(make_data(16, torch.float32), batch_size=4))
     trainer.save_checkpoint(tmp_path / "both.ckpt")
     assert [n for n, *_ in quantized_layers(model)] == ["fc1", "fc2"]
-    assert sorted(r["kind"] for r in model._lightning_ste_recipes) == ["activations", "weights"]
+    assert sorted(r["kind"] for r in recipes_on(model)) == ["activations", "weights"]
     assert any(isinstance(m, QuantReLU) for m in model.modules())
     loaded = load_from_checkpoint(Net, tmp_path / "both.ckpt")
     assert [n for n, *_ in quantized_layers(loaded)] == ["fc1", "fc2"]

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning_ste
 from lightning_ste import QuantReLU
 from lightning_ste.export import load_packed, save_packed
+from lightning_ste.recipe import recipes_on
 from lightning_ste.surgery.activation_plan import plan_activations
 from lightning_ste.surgery.weight_params import plan_weights
 
@@ -349,7 +350,7 @@ def test_relu6_opt_in_is_a_staircase_capped_at_6_and_the_rest_is_listed():
     assert "leaky (nn.LeakyReLU)" in plan and "clamp(min=0) in <root>.forward" in plan
     default = copy.deepcopy(model)
     lightning_ste.quantize_activations_(default, bits=2)
-    assert "targets" not in default._lightning_ste_recipes[0]["arguments"]  # recipes/state keys as before
+    assert "targets" not in recipes_on(default)[0]["arguments"]  # recipes/state keys as before
     out = default(x)
     assert torch.equal(out[0], F.relu6(x)) and torch.equal(out[1], F.relu6(x))  # default: ReLU6 untouched
     names = lightning_ste.quantize_activations_(model, bits=2, alpha=0.5, targets=("relu", "relu6"))

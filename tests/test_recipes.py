@@ -16,6 +16,7 @@ from PIL import Image
 from wandb_run_file import finished_run_records, history_rows
 
 from lightning_ste import QuantReLU
+from lightning_ste.recipe import recipes_on
 from lightning_ste.recipes.cli import run_cli
 from lightning_ste.recipes.data.cifar10 import write_cifar10
 from lightning_ste.recipes.models import Classifier
@@ -183,7 +184,7 @@ def test_recipe_trains_and_logs_to_wandb(
     assert cli.trainer.global_step == 2
 
     # The quantization sections of the recipe converted the model, in order, before training.
-    kinds = [r["kind"] for r in getattr(cli.model, "_lightning_ste_recipes", [])]
+    kinds = [r["kind"] for r in recipes_on(cli.model)]
     assert sorted(kinds) == sorted(k for k in ("activations", "weights") if config.get(k) is not None)
     if config.get("activations") is not None:
         quant = [m for m in cli.model.modules() if isinstance(m, QuantReLU)]

@@ -31,6 +31,7 @@ import lightning_ste
 from lightning_ste import BlendedQuantWeights, QuantizeActivations, QuantReLU
 from lightning_ste.functional import ALPHA_FLOOR
 from lightning_ste.inspect import quantized_layers
+from lightning_ste.recipe import recipes_on
 
 BATCH = 32
 EPOCH_BATCHES = 3  # an epoch is 3 optimizer steps, so step 4 is in the middle of the second epoch
@@ -405,7 +406,7 @@ def test_fit_twice_on_the_same_objects_continues_like_one_fit(mnist_root, tmp_pa
     quiet_fit(trainer, model, plain_loader(mnist_root))
     assert trainer.global_step == 2 * EPOCH_BATCHES
     # One conversion of each kind; the alpha group is added to the new optimizer once, not twice.
-    assert [r["kind"] for r in model._lightning_ste_recipes] == ["activations", "weights"]
+    assert [r["kind"] for r in recipes_on(model)] == ["activations", "weights"]
     assert [n for n, *_ in quantized_layers(model)] == ["conv1", "conv2", "fc"]
     assert sorted(alphas(model)) == ["act", "relu_fx_0"]
     assert len(trainer.optimizers[0].param_groups) == 2
@@ -458,7 +459,7 @@ def test_validate_test_predict_with_best_and_a_path_and_load_from_checkpoint(mni
         assert torch.equal(predicted, expected)
         assert metrics["val_loss"] == pytest.approx(float(F.cross_entropy(expected, y)), rel=1e-6)
         assert tested["test_acc"] == pytest.approx(float((expected.argmax(1) == y).float().mean()))
-        assert len(m._lightning_ste_recipes) == len(CONFIGS[config]())  # evaluation never converts again
+        assert len(recipes_on(m)) == len(CONFIGS[config]())  # evaluation never converts again
     assert not torch.equal(predicted, final)  # epoch 0's weights, not the ones in memory after fit
 
 
