@@ -74,7 +74,7 @@ class FrozenQuantReLU(nn.Module):
         return frozen.to(module.alpha.device)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Same operations, in the same order and precision, as the training forward (functional.py).
+        # Same operations, in the same order and precision, as the training forward (quantizers/activation.py).
         compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
         a = self.alpha.to(compute.dtype)
         k = torch.div(compute, a)
