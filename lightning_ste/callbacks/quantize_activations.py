@@ -82,7 +82,7 @@ class QuantizeActivations(Callback):
         self._calibrating: list[tuple[QuantReLU, int]] = []
         self._at_floor: set[str] = set()  # sites already warned about, so each is named once
         self._floor_checked_at = -1
-        self._applied: ActivationPlan | None = None  # this setup's conversion, undone if the run fails early
+        self._plan: ActivationPlan | None = None  # this setup's conversion, undone if the run fails early
 
     @property
     @override
@@ -94,7 +94,7 @@ class QuantizeActivations(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._applied = None
+        self._plan = None
         # Layers built in configure_model (which Lightning calls after every setup) are converted right after it.
         after_configure_model(pl_module, lambda: self._convert(trainer, pl_module, stage))
 
@@ -110,7 +110,7 @@ class QuantizeActivations(Callback):
         rank_zero_info(plan.format(dry_run=self.dry_run))
         if not self.dry_run:
             self.sites = plan.apply(pl_module)
-            self._applied = plan
+            self._plan = plan
             recopy_earlier_swa(trainer, pl_module, self, stage)
 
     @override
@@ -120,18 +120,18 @@ class QuantizeActivations(Callback):
         # A failure before training starts (another callback's setup, restoring ckpt_path) leaves the model as
         # it was given, not half-converted; once fit has started, the converted model is the run's state.
         cancel_after_configure_model(pl_module)
-        if self._applied is not None:
-            self._applied.revert()
-            self._applied, self.sites = None, []
+        if self._plan is not None:
+            self._plan.revert()
+            self._plan, self.sites = None, []
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._applied = None
+        self._plan = None
         cancel_after_configure_model(pl_module)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._applied = None
+        self._plan = None
         # Optimizers exist now (strategy.setup); their state is restored from a checkpoint only after this
         # hook, so a param group added here is there again, in the same place, when a run resumes.
         alphas = [q.alpha for q in self._quantizers(pl_module) if isinstance(q.alpha, nn.Parameter)]
