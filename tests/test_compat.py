@@ -224,3 +224,26 @@ def test_lightning_cli_internals(tmp_path):
     assert isinstance(trainer, pl.Trainer) and trainer.max_steps == 2 and marker in trainer.callbacks
     names = _compat.parser_option_names(cli.parser)
     assert {"trainer.max_epochs", "trainer.fast_dev_run", "optimizer"} <= names
+
+
+class _Stateful(Callback):
+    def __init__(self, bits: int) -> None:
+        self.bits = bits
+
+    @property
+    def state_key(self) -> str:
+        return _compat.callback_state_key(self, bits=self.bits)
+
+    def state_dict(self):
+        return {"bits": self.bits}
+
+
+def test_callback_state_key_is_the_key_lightning_files_state_under(tmp_path):
+    assert _compat.callback_state_key(_Stateful(2), bits=2) == "_Stateful{'bits': 2}"
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_steps=1, callbacks=[_Stateful(2), _Stateful(4)], logger=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(BoringModel())
+    saved = torch.load(next(tmp_path.rglob("*.ckpt")), weights_only=False)["callbacks"]
+    assert saved["_Stateful{'bits': 2}"] == {"bits": 2} and saved["_Stateful{'bits': 4}"] == {"bits": 4}
