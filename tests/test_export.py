@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from fixtures import MLPClassifier, quiet_trainer
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -324,33 +325,12 @@ def test_export_is_the_lazy_package_attribute(monkeypatch):
     )
 
 
-class MNISTNet(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 10))
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-
 def test_lightning_module_trained_with_the_callbacks(tmp_path, mnist_root):
     ort = pytest.importorskip("onnxruntime")
     data = MNISTDataModule(root=str(mnist_root), batch_size=64, subset=512, flatten=True, download=False)
-    model = MNISTNet()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    model = MLPClassifier(784, 64, 10, momentum=0.9)
+    trainer = quiet_trainer(
         max_steps=8,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
         callbacks=[QuantizeActivations(bits=4), BlendedQuantWeights(bits=1, rho=1e-3)],
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from fixtures import MLPClassifier, quiet_trainer
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from torch import nn
 from torch.nn.utils import parametrize
@@ -69,17 +70,8 @@ def _loader(n: int = 4) -> DataLoader:
 
 
 def _trainer(tmp_path: Path, callbacks, logger, **kwargs) -> pl.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        max_epochs=1,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-    )
-    return pl.Trainer(**{**defaults, **kwargs})
+    defaults = dict(max_epochs=1, logger=logger, default_root_dir=tmp_path, callbacks=callbacks)
+    return quiet_trainer(**{**defaults, **kwargs})
 
 
 def _rows(logger: CSVLogger, key: str) -> list[dict[str, str]]:
@@ -284,24 +276,6 @@ def test_ddp_windows_are_summed_over_processes(tmp_path):
     assert float(row["quant/act/clipped"]) == pytest.approx(CLIPPED_SHARE / 2)
 
 
-class MNISTNet(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(784, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10)
-        )
-
-    def forward(self, x):
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
-
-
 def test_mnist_w2a2_with_the_conversion_callbacks(tmp_path, mnist_root):
     data = MNISTDataModule(root=str(mnist_root), batch_size=64, subset=1024, flatten=True, download=False)
     logger = CSVLogger(tmp_path, name="csv")
@@ -309,7 +283,7 @@ def test_mnist_w2a2_with_the_conversion_callbacks(tmp_path, mnist_root):
     # Telemetry listed first: it finds the quantizers in on_fit_start, after every callback's setup.
     callbacks = [telemetry, QuantizeActivations(bits=2), BlendedQuantWeights(bits=2, rho=1e-3)]
     trainer = _trainer(tmp_path, callbacks, logger, max_steps=12, limit_val_batches=0)
-    trainer.fit(MNISTNet(), datamodule=data)
+    trainer.fit(MLPClassifier(784, 64, 64, 10, momentum=0.9), datamodule=data)
     rows = _rows(logger, "quant/net.1/alpha")
     assert len(rows) == 3
     for row in rows:
