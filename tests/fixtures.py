@@ -1,5 +1,5 @@
 """Small pieces of setup that several test files share: a CPU Trainer that writes nothing, a tiny MLP
-classifier, and the two halves of the torch.compile checks (a graph-recording backend, eager-vs-compiled runs).
+classifier (and its SGD base), and the two halves of the torch.compile checks (a graph-recording backend, eager-vs-compiled runs).
 
 Plain functions and classes, imported by the test files (``from fixtures import quiet_trainer``).
 """
@@ -28,16 +28,13 @@ def quiet_trainer(**kwargs: Any) -> pl.Trainer:
     return pl.Trainer(**{**QUIET, **kwargs})
 
 
-class MLPClassifier(pl.LightningModule):
-    """``nn.Sequential`` of Linear layers of the given widths with a ReLU between each two (as ``self.net``),
-    cross-entropy on ``(x, y)`` batches, SGD."""
+class SGDClassifier(pl.LightningModule):
+    """``self.net`` (set by the subclass) trained with cross-entropy on ``(x, y)`` batches and SGD."""
 
-    def __init__(self, *widths: int, lr: float = 0.1, momentum: float = 0.0) -> None:
+    net: nn.Module
+
+    def __init__(self, lr: float, momentum: float = 0.0) -> None:
         super().__init__()
-        layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
-        for n_in, n_out in zip(widths[1:], widths[2:]):
-            layers += [nn.ReLU(), nn.Linear(n_in, n_out)]
-        self.net = nn.Sequential(*layers)
         self.lr, self.momentum = lr, momentum
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +46,17 @@ class MLPClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class MLPClassifier(SGDClassifier):
+    """Linear layers of the given widths with a ReLU between each two, in an ``nn.Sequential``."""
+
+    def __init__(self, *widths: int, lr: float = 0.1, momentum: float = 0.0) -> None:
+        super().__init__(lr, momentum)
+        layers: list[nn.Module] = [nn.Linear(widths[0], widths[1])]
+        for n_in, n_out in zip(widths[1:], widths[2:]):
+            layers += [nn.ReLU(), nn.Linear(n_in, n_out)]
+        self.net = nn.Sequential(*layers)
 
 
 def recording_backend(graphs: list[str]) -> Callable:

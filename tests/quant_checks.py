@@ -17,6 +17,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from fixtures import quiet_trainer
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.data import DataLoader
@@ -91,19 +92,8 @@ def is_quantized(layer: nn.Module) -> bool:
 
 
 def tiny_trainer(**kwargs: Any) -> L.Trainer:
-    options = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    options.update(kwargs)
-    return L.Trainer(**options)
+    options = dict(devices=1, max_steps=1, num_sanity_val_steps=0, limit_val_batches=0)
+    return quiet_trainer(**{**options, **kwargs})
 
 
 def check_module(

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures import quiet_trainer
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -172,15 +173,7 @@ def assert_unchanged(model: nn.Module, before: tuple[Any, ...]) -> None:
 
 
 def fit(model: pl.LightningModule, callbacks: list[pl.Callback]) -> None:
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=1,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_steps=1, callbacks=callbacks)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, DataLoader(DATA, batch_size=4))

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from alpha_oracle import AlphaProbe, check_alpha_record
+from fixtures import quiet_trainer
 from lightning.pytorch.callbacks import ModelPruning
 from lightning.pytorch.utilities.compile import to_uncompiled
 from torch import nn
@@ -39,17 +40,7 @@ def loader(root: Path, n: int, batch_size: int = 64, train: bool = True, offset:
 
 
 def make_trainer(**kwargs) -> pl.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        max_epochs=1,
-    )
-    return pl.Trainer(**{**settings, **kwargs})
+    return quiet_trainer(**{**dict(devices=1, num_sanity_val_steps=0, max_epochs=1), **kwargs})
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -160,6 +151,17 @@ def outputs_on_grid(model: nn.Module, x: torch.Tensor, tol: float = 1e-4) -> boo
     for h in handles:
         h.remove()
     return len(seen) == len(quantizers(model)) and all(seen)
+
+
+def check_reload(trainer: pl.Trainer, model: nn.Module, path: Path, mnist_root: Path) -> None:
+    """Save the trainer's checkpoint to ``path``: the MixedNet rebuilt from it gives ``model``'s outputs on 64
+    test images, all on the quantization grid."""
+    trainer.save_checkpoint(path)
+    loaded = lightning_ste.load_from_checkpoint(MixedNet, path)
+    x, _ = next(iter(loader(mnist_root, 64, 64, train=False)))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    assert outputs_on_grid(loaded, x)
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -357,12 +359,7 @@ def test_together_with_model_pruning(mnist_root, tmp_path, pruning_first):
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros == pytest.approx(0.5, abs=0.01)  # global L1 pruning of half the weights
     assert sorted(quantizers(model)) == sorted(MIXED_SITES)
-    trainer.save_checkpoint(tmp_path / "p.ckpt")
-    loaded = lightning_ste.load_from_checkpoint(MixedNet, tmp_path / "p.ckpt")
-    x, _ = next(iter(loader(mnist_root, 64, 64, train=False)))
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model.eval()(x))
-    assert outputs_on_grid(loaded, x)
+    check_reload(trainer, model, tmp_path / "p.ckpt", mnist_root)
 
 
 def test_calibrate_uses_the_first_training_batch_and_validation_never_changes_alpha(mnist_root):
@@ -553,9 +550,4 @@ def test_together_with_blended_quant_weights_in_either_order(mnist_root, tmp_pat
     assert sorted(quantizers(model)) == sorted(MIXED_SITES)
     assert torch.nn.utils.parametrize.is_parametrized(model.body.conv1)
     assert model.fc2.weight.unique().numel() <= 3  # binary weights: {-d, 0, d}
-    trainer.save_checkpoint(tmp_path / "wa.ckpt")
-    loaded = lightning_ste.load_from_checkpoint(MixedNet, tmp_path / "wa.ckpt")
-    x, _ = next(iter(loader(mnist_root, 64, 64, train=False)))
-    with torch.no_grad():
-        assert torch.equal(loaded(x), model.eval()(x))
-    assert outputs_on_grid(loaded, x)
+    check_reload(trainer, model, tmp_path / "wa.ckpt", mnist_root)

@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from fixtures import QUIET
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.nn import functional as F
@@ -20,14 +21,7 @@ from lightning_ste.inspect import quantized_layers
 from lightning_ste.recipe import recipes_on
 from lightning_ste.surgery.weight_params import apply_recipe
 
-TRAINER_KW: dict[str, Any] = dict(
-    accelerator="cpu",
-    logger=False,
-    enable_checkpointing=False,
-    enable_progress_bar=False,
-    enable_model_summary=False,
-    num_sanity_val_steps=0,
-)
+TRAINER_KW: dict[str, Any] = {**QUIET, "num_sanity_val_steps": 0}
 
 
 class Net(L.LightningModule):

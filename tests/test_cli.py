@@ -21,6 +21,15 @@ from lightning_ste.recipes.figures import one_step_losses
 
 REPO = Path(__file__).resolve().parents[1]
 TWOLAYER = str(REPO / "recipes" / "mnist" / "twolayer.yaml")
+# CPU, no progress bar, no model summary
+QUIET_CPU = [
+    "--trainer.accelerator",
+    "cpu",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 def small_mnist(mnist_root: Path, tmp_path: Path) -> list[str]:
@@ -31,12 +40,7 @@ def small_mnist(mnist_root: Path, tmp_path: Path) -> list[str]:
         "512",
         "--data.val_subset",
         "256",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
+        *QUIET_CPU,
         "--trainer.logger.init_args.save_dir",
         str(tmp_path),
         "--checkpoint.dirpath",
@@ -238,12 +242,7 @@ def test_compile_flag_compiles_the_converted_model(tmp_path: Path) -> None:
         str(REPO / "recipes" / "synthetic" / "orthogonal_subspaces.yaml"),
         "--trainer.logger",
         "false",
-        "--trainer.accelerator",
-        "cpu",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.enable_model_summary",
-        "false",
+        *QUIET_CPU,
         "--trainer.fast_dev_run",
         "1",
         "--trainer.limit_val_batches",

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from fixtures import outputs_and_grads
 
 from lightning_ste.functional import (
     ALPHA_GRADS,
@@ -217,13 +218,7 @@ def test_torch_compile_fullgraph_matches_eager() -> None:
     compiled = torch.compile(step, fullgraph=True)
     x = torch.randn(4, 257) * 2
     g = torch.randn(4, 257)
-    results = []
-    for fn in (step, compiled):
-        xi = x.clone().requires_grad_(True)
-        a = torch.tensor(0.3, requires_grad=True)
-        y = fn(xi, a)
-        y.backward(g)
-        results.append((y.detach(), xi.grad, a.grad))
+    results = outputs_and_grads((step, compiled), x, g, 0.3)
     for eager, comp in zip(*results):
         torch.testing.assert_close(comp, eager)
 

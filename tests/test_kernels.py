@@ -16,6 +16,7 @@ import pytest
 import reference as ref
 import torch
 import torch.nn.functional as F
+from fixtures import outputs_and_grads, recording_backend
 
 from lightning_ste import functional as F_ste
 from lightning_ste.functional import ALPHA_GRADS, ROUNDINGS, quantize_weight, quantized_relu
@@ -217,13 +218,7 @@ def test_torch_compile_inductor_matches_uncompiled() -> None:
         return quantized_relu(xi, a, 4)
 
     compiled = torch.compile(f, fullgraph=True)
-    results = []
-    for fn in (f, compiled):
-        xi = x.clone().requires_grad_(True)
-        a = torch.tensor(0.1946, requires_grad=True)
-        y = fn(xi, a)
-        y.backward(g)
-        results.append((y.detach(), xi.grad, a.grad))
+    results = outputs_and_grads((f, compiled), x, g, 0.1946)
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
     torch.testing.assert_close(results[0][2], results[1][2])
 
@@ -291,17 +286,7 @@ def test_jit_trace_records_the_torch_formula() -> None:
 
 @needs_kernels
 def test_torch_compile_calls_the_kernels_forward_and_backward() -> None:
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
-
     graphs: list[str] = []
-
-    def record(gm: torch.fx.GraphModule, inputs):
-        graphs.append(str(gm.graph))
-        return make_boxed_func(gm.forward)
-
-    def backend(gm: torch.fx.GraphModule, inputs):
-        return aot_module_simplified(gm, inputs, fw_compiler=record, bw_compiler=record)
 
     def f(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return quantized_relu(x, a, 4)
@@ -309,13 +294,12 @@ def test_torch_compile_calls_the_kernels_forward_and_backward() -> None:
     x = torch.randn(4, 300) * 2
     g = torch.randn(4, 300)
     fast = _run(x, 0.1946, 4, "clipped_relu", "mean", "ceil", True, g)
-    xi = x.clone().requires_grad_(True)
-    a = torch.tensor(0.1946, requires_grad=True)
-    y = torch.compile(f, backend=backend, fullgraph=True)(xi, a)
-    y.backward(g)
+    ((y, x_grad, a_grad),) = outputs_and_grads(
+        [torch.compile(f, backend=recording_backend(graphs), fullgraph=True)], x, g, 0.1946
+    )
     assert len(graphs) == 2 and all("lightning_ste_kernels" in s for s in graphs)
-    assert torch.equal(y.detach(), fast[0]) and torch.equal(xi.grad, fast[1])
-    torch.testing.assert_close(a.grad, fast[2])
+    assert torch.equal(y, fast[0]) and torch.equal(x_grad, fast[1])
+    torch.testing.assert_close(a_grad, fast[2])
 
 
 @needs_kernels

@@ -228,21 +228,14 @@ def test_classifier_logs_loss_at_the_logger_cadence_and_accuracy_per_epoch(
     import csv
 
     import lightning.pytorch as pl
+    from fixtures import quiet_trainer
     from lightning.pytorch.loggers import CSVLogger
 
     pl.seed_everything(0)
     data = MNISTDataModule(root=str(mnist_root), batch_size=32, subset=320, val_subset=200, download=False)
     model = Classifier(arch="lenet5", lr=0.05)
     logger = CSVLogger(tmp_path)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=2,
-        log_every_n_steps=4,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = quiet_trainer(max_epochs=2, log_every_n_steps=4, logger=logger)
     trainer.fit(model, datamodule=data)
     with open(Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -24,13 +24,7 @@ from lightning_ste.recipe import recipes_on
 from lightning_ste.surgery.activation_plan import plan_activations
 from lightning_ste.surgery.weight_params import plan_weights
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _loader(*tensors: torch.Tensor) -> DataLoader:

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from alpha_oracle import AlphaProbe, check_alpha_record, expected_alpha_grad
+from fixtures import quiet_trainer
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
@@ -104,17 +105,7 @@ def fit(
     **kwargs: Any,
 ) -> pl.Trainer:
     """A real Trainer on CPU, nothing written but what the test saves; resumes from ``ckpt`` when given."""
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        callbacks=callbacks,
-        **kwargs,
-    )
+    trainer = quiet_trainer(devices=1, num_sanity_val_steps=0, callbacks=callbacks, **kwargs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # num_workers hints
         trainer.fit(model, data, ckpt_path=ckpt)

@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
+from fixtures import quiet_trainer
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -148,13 +149,8 @@ class MLP(pl.LightningModule):
 
 def test_quant_summary_callback_prints_the_converted_model_at_fit_start(tmp_path, caplog):
     callback = QuantSummary()
-    trainer = pl.Trainer(
-        accelerator="cpu",
+    trainer = quiet_trainer(
         max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=tmp_path,
         # The summary callback comes first: it still runs after the conversions done in `setup`.
         callbacks=[callback, QuantizeActivations(bits=2), BlendedQuantWeights(bits=2)],

@@ -7,10 +7,10 @@ step moves every latent, and ``load_from_checkpoint`` gives identical outputs.
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 import torchvision.models as tvm
+from fixtures import SGDClassifier
 from lightning.pytorch.demos import LightningTransformer
 from lightning.pytorch.demos.boring_classes import BoringModel, DemoModel, ManualOptimBoringModel
 from quant_checks import check_module, tiny_trainer, weight_layers
@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_ste
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _vgg11() -> nn.Module:
@@ -51,30 +53,11 @@ ZOO = {
 }
 
 
-class ZooModule(L.LightningModule):
+class ZooModule(SGDClassifier):
     def __init__(self, arch: str) -> None:
-        super().__init__()
+        super().__init__(lr=0.05)
         self.save_hyperparameters()
         self.net = ZOO[arch]()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: these many small ops are slower with two threads on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _images() -> tuple[DataLoader, torch.Tensor]:

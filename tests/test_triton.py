@@ -15,6 +15,7 @@ import sys
 import pytest
 import reference as ref
 import torch
+from fixtures import outputs_and_grads, recording_backend
 
 from lightning_ste.functional import quantized_relu
 from lightning_ste.kernels import backend
@@ -274,18 +275,8 @@ def test_named_triton_backend_raises_instead_of_falling_back(monkeypatch: pytest
 def test_torch_compile_traces_the_custom_ops_without_graph_breaks(monkeypatch: pytest.MonkeyPatch) -> None:
     """fullgraph=True (a graph break raises); the forward and backward graphs call the Triton ops; same
     values as the uncompiled Triton path."""
-    from functorch.compile import make_boxed_func
-    from torch._functorch.aot_autograd import aot_module_simplified
-
     monkeypatch.setenv("LIGHTNING_STE_KERNELS", "triton")
     graphs: list[str] = []
-
-    def record(gm: torch.fx.GraphModule, inputs):
-        graphs.append(str(gm.graph))
-        return make_boxed_func(gm.forward)
-
-    def compiler(gm: torch.fx.GraphModule, inputs):
-        return aot_module_simplified(gm, inputs, fw_compiler=record, bw_compiler=record)
 
     def f(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         return quantized_relu(x, a, 4, alpha_grad="mean")
@@ -293,13 +284,9 @@ def test_torch_compile_traces_the_custom_ops_without_graph_breaks(monkeypatch: p
     torch._dynamo.reset()
     x = torch.randn(4, 300, device=DEVICE) * 2
     g = torch.randn(4, 300, device=DEVICE)
-    results = []
-    for fn in (f, torch.compile(f, backend=compiler, fullgraph=True)):
-        xi = x.clone().requires_grad_(True)
-        a = torch.tensor(0.1946, device=DEVICE, requires_grad=True)
-        y = fn(xi, a)
-        y.backward(g)
-        results.append((y.detach(), xi.grad, a.grad))
+    results = outputs_and_grads(
+        (f, torch.compile(f, backend=recording_backend(graphs), fullgraph=True)), x, g, 0.1946
+    )
     assert len(graphs) == 2
     assert (
         "lightning_ste_triton.qrelu_forward" in graphs[0]
