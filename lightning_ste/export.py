@@ -27,7 +27,7 @@ from lightning_ste.bit_summary import parametrization_chains
 from lightning_ste.config import ALPHA_FLOOR, ROUNDINGS, check_bits, check_choice
 from lightning_ste.inspect import quantized_layers, weight_quantizer
 from lightning_ste.quantizers.activation import QuantReLU
-from lightning_ste.quantizers.weight import WeightQuantizer, weight_codes
+from lightning_ste.quantizers.weight import WeightQuantizer
 
 __all__ = [
     "FrozenQuantReLU",
@@ -37,7 +37,6 @@ __all__ = [
     "save_packed",
     "to_onnx",
     "unpack_bits",
-    "weight_codes_of",
 ]
 
 PACKED_FORMAT = "lightning_ste.packed"
@@ -88,21 +87,6 @@ class FrozenQuantReLU(nn.Module):
 
 
 @torch.no_grad()
-def weight_codes_of(quantizer: WeightQuantizer, w: Tensor) -> tuple[Tensor, Tensor]:
-    """``(codes, scale)`` with ``codes * scale == quantizer(w)``, in ``w``'s layout (BCGD19, docs/math.md §2).
-
-    The codes :func:`save_packed` stores and whose flips :class:`~lightning_ste.QuantTelemetry` counts; a
-    ConvTranspose quantizer scales per output channel of its ``[in, out/groups, *k]`` layout.
-    """
-    # TODO(quantizers.weight): a WeightQuantizer.weight_codes method, which TransposedWeightQuantizer overrides.
-    own_codes = getattr(quantizer, "weight_codes", None)
-    if own_codes is not None:
-        return own_codes(w)
-    return weight_codes(
-        w, quantizer.bits, quantizer.per_channel, quantizer.ternary_scale, quantizer.binary_scale
-    )
-
-
 def _quantizer_settings(quantizer: WeightQuantizer) -> dict[str, Any]:
     return {
         "bits": quantizer.bits,
@@ -299,7 +283,7 @@ def save_packed(model: nn.Module, path: str | os.PathLike) -> int:
         seen.add(id(param))
         if pname in latent:
             w, quantizer = latent[pname]
-            codes, scale = weight_codes_of(quantizer, w.detach())
+            codes, scale = quantizer.weight_codes(w.detach())
         else:
             codes, scale = _codes_from_frozen(param.detach(), settings)
         blob = _pack_codes(codes.detach().flatten().cpu(), settings["bits"])

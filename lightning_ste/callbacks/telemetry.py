@@ -24,7 +24,6 @@ from typing_extensions import override
 
 from lightning_ste import _compat
 from lightning_ste.config import ALPHA_FLOOR, check_bool, check_count
-from lightning_ste.export import weight_codes_of
 from lightning_ste.inspect import activation_sites, quantized_layers
 from lightning_ste.occupancy import level_counts, matplotlib_available, occupancy_figure
 from lightning_ste.quantizers.activation import QuantReLU
@@ -61,7 +60,7 @@ class _WeightLayer:
         return next(quantized_layers(self.layer)).latent
 
     def codes(self) -> tuple[Tensor, Tensor]:
-        return weight_codes_of(self.quantizer, self.latent.detach())
+        return self.quantizer.weight_codes(self.latent.detach())
 
 
 @dataclass

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from typing_extensions import override
 
-from lightning_ste import functional as F_ste
-from lightning_ste.quantizers.weight import WeightQuantizer
+from lightning_ste.quantizers.weight import WeightQuantizer, weight_codes
 
 __all__ = ["TransposedWeightQuantizer"]
 
@@ -35,25 +35,29 @@ class TransposedWeightQuantizer(WeightQuantizer):
         g, (i, o), k = self.groups, shape[:2], shape[2:]
         return v.reshape(g, o, i // g, *k).transpose(1, 2).reshape(shape)
 
+    @override
     def forward(self, w: Tensor) -> Tensor:
         if not self.per_channel or w.dim() < 2:
             return super().forward(w)
         return self.in_major(super().forward(self.out_major(w)), w.shape)
 
     @torch.no_grad()
+    @override
     def quantize(self, w: Tensor) -> Tensor:
         if not self.per_channel or w.dim() < 2:
             return super().quantize(w)
         return self.in_major(super().quantize(self.out_major(w)), w.shape)
 
     @torch.no_grad()
+    @override
     def weight_codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """(codes, scale) with ``codes * scale == q(W)`` in W's own layout (for packed export); the per-channel
         scale has shape ``[in, out/groups, 1, ...]`` so it broadcasts against the codes."""
-        args = (self.bits, self.per_channel, self.ternary_scale, self.binary_scale)
         if not self.per_channel or w.dim() < 2:
-            return F_ste.weight_codes(w, *args)
-        codes, scale = F_ste.weight_codes(self.out_major(w), *args)
+            return super().weight_codes(w)
+        codes, scale = weight_codes(
+            self.out_major(w), self.bits, self.per_channel, self.ternary_scale, self.binary_scale
+        )
         g, (i, o) = self.groups, w.shape[:2]
         per_weight = scale.reshape(g, 1, o).expand(g, i // g, o).reshape(i, o, *([1] * (w.dim() - 2)))
         return self.in_major(codes, w.shape), per_weight

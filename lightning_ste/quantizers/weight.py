@@ -297,6 +297,11 @@ class WeightQuantizer(nn.Module):
         return quantize_weight(w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale)
 
     @torch.no_grad()
+    def weight_codes(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """``(codes, scale)`` with ``codes * scale == q(W)`` in W's layout: what packed export stores."""
+        return weight_codes(w, self.bits, self.per_channel, self.ternary_scale, self.binary_scale)
+
+    @torch.no_grad()
     def blend_(self, w: Tensor, rho: float | Tensor) -> Tensor:
         """W <- (1 - ρ) W + ρ q(W) in place (BCGD19), the values of :func:`~lightning_ste.blend.blend_`.
 
