@@ -5,16 +5,15 @@ from __future__ import annotations
 import pickle
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lightning_ste.recipes.data.common import (
     ResumableDataLoader,
-    ResumableTrainData,
+    ResumableDataModule,
     resolve_root,
     resumable_loader,
     subset_indices,
@@ -77,7 +76,7 @@ class _Images(Dataset):
         return (img - self.mean) / self.std, self.y[i]
 
 
-class CIFAR10DataModule(ResumableTrainData, pl.LightningDataModule):
+class CIFAR10DataModule(ResumableDataModule):
     """CIFAR-10 (50k train, 10k test used for validation); downloads to ``root`` when missing (torchvision).
 
     ``root`` holds ``cifar-10-batches-py``; None means ``$LIGHTNING_STE_DATA`` or ``./data``.
@@ -133,15 +132,3 @@ class CIFAR10DataModule(ResumableTrainData, pl.LightningDataModule):
             persistent_workers=workers > 0,
             drop_last=shuffle and len(data) >= 2 * batch_size,
         )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._resumable(self._loader(self.train_data, hparams(self).batch_size, shuffle=True))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_data, hparams(self).val_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

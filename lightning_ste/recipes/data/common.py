@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator, Sized
 from pathlib import Path
 from typing import Any, cast
 
+import lightning.pytorch as pl
 import torch
 from torch import Tensor
 from torch.utils.data import (
@@ -19,12 +20,14 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from lightning_ste.recipes.hyperparameters import hparams
+
 __all__ = [
     "DATA_ENV",
     "BatchIndexedTensors",
     "ResumableDataLoader",
     "ResumableRandomSampler",
-    "ResumableTrainData",
+    "ResumableDataModule",
     "SkippingBatchSampler",
     "resolve_root",
     "resumable_loader",
@@ -176,17 +179,29 @@ def resumable_loader(
     return ResumableDataLoader(dataset, batch_sampler=batches, **kwargs)
 
 
-class ResumableTrainData:
-    """Mixin of the recipe data modules: their training loader's position goes into the checkpoint.
+class ResumableDataModule(pl.LightningDataModule):
+    """Base of the recipe data modules: the four loaders over ``train_data`` / ``val_data`` (test and predict
+    use the validation data), and the training loader's position in the checkpoint.
 
     ``state_dict`` holds the training loader's state, so a checkpoint taken at an epoch end (which Lightning
     does not hand to the loader) also resumes with the shuffle order an uninterrupted run would draw next.
+    Subclasses fill ``train_data`` / ``val_data`` in ``setup``; in-memory ``(x, y)`` tensors by default, other
+    data with their own :meth:`_loader`. ``VAL_BATCH_SIZE`` fixes the validation batch (else the
+    ``val_batch_size`` hyperparameter).
     """
 
+    VAL_BATCH_SIZE: int | None = None
+    train_data: Any
+    val_data: Any
     _train_loader: ResumableDataLoader | None = None
     _train_state: dict[str, Any] | None = None
 
-    def _resumable(self, loader: ResumableDataLoader) -> ResumableDataLoader:
+    def _loader(self, data: Any, batch_size: int, shuffle: bool) -> ResumableDataLoader:
+        x, y = data
+        return tensor_loader(x, y, batch_size, shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        loader = self._loader(self.train_data, hparams(self).batch_size, shuffle=True)
         loader.epoch_length = self._epoch_length
         if self._train_state is not None:
             loader.load_state_dict(self._train_state)
@@ -194,8 +209,17 @@ class ResumableTrainData:
         self._train_loader = loader
         return loader
 
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_data, self.VAL_BATCH_SIZE or hparams(self).val_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
     def _epoch_length(self) -> float:
-        trainer = getattr(self, "trainer", None)
+        trainer = self.trainer  # None until a Trainer uses the data module
         return getattr(trainer, "num_training_batches", math.inf) if trainer is not None else math.inf
 
     def state_dict(self) -> dict[str, Any]:

@@ -5,16 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 from lightning_ste.recipes.data.common import (
     ResumableDataLoader,
-    ResumableTrainData,
+    ResumableDataModule,
     resolve_root,
     resumable_loader,
     subset_indices,
@@ -27,7 +26,7 @@ MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LAYOUT = "<root>/train/<class>/<image>.JPEG and <root>/val/<class>/<image>.JPEG (torchvision ImageFolder)"
 
 
-class ImageNetDataModule(ResumableTrainData, pl.LightningDataModule):
+class ImageNetDataModule(ResumableDataModule):
     """ImageNet (ILSVRC-2012) train/val as ImageFolders; RandomResizedCrop+flip for training, resize+center crop.
 
     ``root`` holds ``train/`` and ``val/`` with one folder per class (val must be sorted into class folders);
@@ -125,15 +124,3 @@ class ImageNetDataModule(ResumableTrainData, pl.LightningDataModule):
             mean, std = self._normalizers[x.device]
             x = (x.float() - mean) / std
         return (x, *rest)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._resumable(self._loader(self.train_data, hparams(self).batch_size, shuffle=True))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_data, hparams(self).val_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

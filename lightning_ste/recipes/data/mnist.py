@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 from torch import Tensor
-from torch.utils.data import DataLoader
 from torchvision.datasets import MNIST
 
-from lightning_ste.recipes.data.common import ResumableTrainData, resolve_root, subset_indices, tensor_loader
+from lightning_ste.recipes.data.common import ResumableDataModule, resolve_root, subset_indices
 from lightning_ste.recipes.hyperparameters import hparams
 
 __all__ = ["MNISTDataModule"]
@@ -15,7 +13,7 @@ __all__ = ["MNISTDataModule"]
 MEAN, STD = 0.1307, 0.3081
 
 
-class MNISTDataModule(ResumableTrainData, pl.LightningDataModule):
+class MNISTDataModule(ResumableDataModule):
     """MNIST train (60k) and test (10k, used for validation as in the papers), normalized, in memory.
 
     ``root`` holds ``MNIST/raw`` (torchvision layout; downloaded there when missing and ``download=True``);
@@ -66,15 +64,3 @@ class MNISTDataModule(ResumableTrainData, pl.LightningDataModule):
         if stage in (None, "fit"):
             self.train_data = self._load(True, hparams(self).subset)
         self.val_data = self._load(False, hparams(self).val_subset)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._resumable(tensor_loader(*self.train_data, hparams(self).batch_size, shuffle=True))
-
-    def val_dataloader(self) -> DataLoader:
-        return tensor_loader(*self.val_data, hparams(self).val_batch_size, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
-from lightning_ste.recipes.data.common import ResumableTrainData, tensor_loader
+from lightning_ste.recipes.data.common import ResumableDataModule
 from lightning_ste.recipes.hyperparameters import hparams
 
 __all__ = [
@@ -41,13 +39,15 @@ def teacher_student(
     return z, (z @ w_star > 0).to(v_star.dtype) @ v_star
 
 
-class OrthogonalSubspacesDataModule(ResumableTrainData, pl.LightningDataModule):
+class OrthogonalSubspacesDataModule(ResumableDataModule):
     """K classes in mutually orthogonal d-dim subspaces of R^(K*d), Gaussian inside each (LYX21, docs/math.md §4).
 
     Validation uses a second sample of the same law, or with ``val_on_train=True`` the training sample itself,
     so that ``val/acc`` is the training accuracy (in eval mode) that LYX21 proves reachable (100%) for
     monotone STEs.
     """
+
+    VAL_BATCH_SIZE = 1000
 
     def __init__(
         self,
@@ -82,21 +82,11 @@ class OrthogonalSubspacesDataModule(ResumableTrainData, pl.LightningDataModule):
         held_out = orthogonal_subspaces(hp.num_classes, hp.dim, hp.n_val, g)
         self.val_data = self.train_data if hp.val_on_train else held_out
 
-    def train_dataloader(self) -> DataLoader:
-        return self._resumable(tensor_loader(*self.train_data, hparams(self).batch_size, shuffle=True))
 
-    def val_dataloader(self) -> DataLoader:
-        return tensor_loader(*self.val_data, 1000, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-
-class TeacherStudentDataModule(ResumableTrainData, pl.LightningDataModule):
+class TeacherStudentDataModule(ResumableDataModule):
     """Gaussian ``Z`` (m x n) with teacher labels ``v*^T 1{Z w* > 0}``, ``|w*| = 1`` (YLZ19 §3.1)."""
+
+    VAL_BATCH_SIZE = 10000
 
     def __init__(
         self,
@@ -120,15 +110,3 @@ class TeacherStudentDataModule(ResumableTrainData, pl.LightningDataModule):
         g = torch.Generator().manual_seed(self._generator_seed)
         self.train_data = teacher_student(self.w_star, self.v_star, hparams(self).n_train, g)
         self.val_data = teacher_student(self.w_star, self.v_star, hparams(self).n_val, g)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._resumable(tensor_loader(*self.train_data, hparams(self).batch_size, shuffle=True))
-
-    def val_dataloader(self) -> DataLoader:
-        return tensor_loader(*self.val_data, 10000, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self.val_dataloader()
