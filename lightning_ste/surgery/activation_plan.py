@@ -9,7 +9,7 @@ rewrites the forwards that call them (:mod:`.fx_rewrite`), each change undoable,
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 from torch import nn
@@ -27,7 +27,7 @@ from lightning_ste.surgery.fx_rewrite import (
     restorer,
     set_forward,
 )
-from lightning_ste.surgery.plan import ConversionPlan, preview
+from lightning_ste.surgery.plan import ConversionPlan, Undo, preview
 from lightning_ste.surgery.relu_sites import (
     TRANSFORMER_LAYERS,
     FoundSites,
@@ -149,7 +149,7 @@ class ActivationPlan(ConversionPlan):
             calibration_batches=c.calibration_batches,
         )
 
-    def _apply(self, module: nn.Module, undo: Callable[[Callable[[], None]], None]) -> None:
+    def _apply(self, module: nn.Module, undo: Undo) -> None:
         """Install the QuantReLUs and rewrite the forwards that call them."""
         # Everything that can fail (code generation) happens before the first assignment.
         forwards = {name: compile_forward(o) for name, o in self._owners.items()}

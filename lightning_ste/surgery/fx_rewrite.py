@@ -30,6 +30,7 @@ from lightning_ste._compat import (
     parameter_slots,
 )
 from lightning_ste.quantizers.activation import QuantReLU
+from lightning_ste.surgery.plan import Undo
 
 __all__ = [
     "ABSENT",
@@ -49,7 +50,6 @@ __all__ = [
 ]
 
 ABSENT = object()  # "there was nothing here" for :func:`restorer`
-Undo = Callable[[Callable[[], None]], None]
 
 
 @dataclass

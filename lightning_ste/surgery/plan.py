@@ -16,7 +16,9 @@ from torch import nn
 
 from lightning_ste import recipe as recipe_store
 
-__all__ = ["ConversionPlan", "preview", "select_names"]
+__all__ = ["ConversionPlan", "Undo", "preview", "qualified", "select_names"]
+
+Undo = Callable[[Callable[[], None]], None]  # takes the function that reverts one change
 
 
 class ConversionPlan(ABC):
@@ -42,7 +44,7 @@ class ConversionPlan(ABC):
         """The plan as printed: a title line, then what is converted, what stays float and why."""
 
     @abstractmethod
-    def _apply(self, module: nn.Module, undo: Callable[[Callable[[], None]], None]) -> None:
+    def _apply(self, module: nn.Module, undo: Undo) -> None:
         """Convert ``module``; call ``undo(fn)`` after each change with the function that takes it back."""
 
     def recipe(self) -> dict[str, Any]:
@@ -93,6 +95,11 @@ def select_names(
         (selected if inc and not exc else left_out).append(n)
     unmatched = [p for p in include or () if not any(fnmatch.fnmatchcase(n, p) for n in names)]
     return selected, left_out, unmatched
+
+
+def qualified(prefix: str, name: str) -> str:
+    """The dotted name of ``name`` inside the module named ``prefix`` (either may be empty: the root)."""
+    return f"{prefix}.{name}" if prefix and name else prefix or name
 
 
 def preview(names: Sequence[str], limit: int = 12) -> str:

@@ -26,7 +26,7 @@ from torch import nn
 
 from lightning_ste._compat import module_slots
 from lightning_ste.surgery.fx_rewrite import Edit, TracedOwner, read_after, trace_own_forward, wants_trace
-from lightning_ste.surgery.plan import select_names
+from lightning_ste.surgery.plan import qualified, select_names
 
 __all__ = ["TRANSFORMER_LAYERS", "FoundSites", "Holder", "Leftovers", "Site", "find_sites", "select_sites"]
 
@@ -140,10 +140,6 @@ class Site:
     target: str = "relu"  # "relu" or "relu6": the activation replaced (see `targets`)
 
 
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix and name else prefix or name
-
-
 def _module_target(m: nn.Module | None, targets: Sequence[str]) -> str | None:
     """The target ("relu", "relu6") whose module class ``m`` is an instance of, if selected."""
     return next((t for t in targets if isinstance(m, _MODULES[t])), None)
@@ -201,13 +197,13 @@ class FoundSites:
             # module_slots, not named_children: a child held under two names is two places.
             for attr, child in module_slots(parent).items():
                 if _module_target(child, self.targets) is not None and (id(parent), attr) not in locations:
-                    name = _join(parent_name, attr)
+                    name = qualified(parent_name, attr)
                     locations[(id(parent), attr)] = name
                     self.holders[name] = (parent, attr)
                 elif isinstance(child, _RELU_LIKE_MODULES) and id(child) not in seen_like:
                     seen_like.add(id(child))
                     what = f"nn.{type(child).__name__}"
-                    self.leftovers.note(f"{_join(parent_name, attr)} ({what})", what)
+                    self.leftovers.note(f"{qualified(parent_name, attr)} ({what})", what)
         return locations
 
     def _trace(
@@ -261,10 +257,10 @@ class FoundSites:
                 continue
             for k, (owner_name, node, inplace) in enumerate(found):
                 new_attr = attr if k == 0 else _free_name(parent, f"{attr}_{k}", self._taken)
-                name = _join(location.rpartition(".")[0], new_attr)
+                name = qualified(location.rpartition(".")[0], new_attr)
                 site = Site(name, "call", source, owner_name, location, (k + 1, len(found)), target)
                 self.sites.append(site)
-                node_target = _join(str(node.target).rpartition(".")[0], new_attr)
+                node_target = qualified(str(node.target).rpartition(".")[0], new_attr)
                 changes = k > 0 or (inplace and read_after(node))
                 self.edits.append(Edit(name, owner_name, node.name, node_target, inplace, changes))
                 self.holders.setdefault(name, (parent, new_attr))
@@ -277,7 +273,7 @@ class FoundSites:
             k = counters.get(owner_name, 0)
             counters[owner_name] = k + 1
             attr = _free_name(owner, f"relu_fx_{k}", self._taken)
-            site = Site(_join(owner_name, attr), "function", source, owner_name, "", target=target)
+            site = Site(qualified(owner_name, attr), "function", source, owner_name, "", target=target)
             self.sites.append(site)
             self.edits.append(Edit(site.name, owner_name, node.name, attr, inplace, True))
             self.holders[site.name] = (owner, attr)
@@ -292,12 +288,12 @@ class FoundSites:
             target = next((t for t in self.targets if fn in _FUNCTIONS[t]), None)
             if target is not None:
                 source = f"{_FUNCTIONS[target][fn]} (activation of {type(layer).__name__})"
-                name = _join(layer_name, "activation")
+                name = qualified(layer_name, "activation")
                 self.sites.append(Site(name, "attribute", source, layer_name, "", target=target))
                 self.holders[name] = (layer, "activation")
             elif fn in _RELU_LIKE_FUNCTIONS:
                 like = _RELU_LIKE_FUNCTIONS[fn]
-                self.leftovers.note(f"{_join(layer_name, 'activation')} ({like})", like)
+                self.leftovers.note(f"{qualified(layer_name, 'activation')} ({like})", like)
 
 
 def find_sites(module: object, targets: Sequence[str]) -> FoundSites:

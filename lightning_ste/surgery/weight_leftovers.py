@@ -12,13 +12,9 @@ from torch.nn.utils import parametrize
 from lightning_ste._compat import norm_layer_types, parameter_slots
 from lightning_ste.quantizers.activation import QuantReLU
 from lightning_ste.quantizers.weight import WeightQuantizer
+from lightning_ste.surgery.plan import qualified
 
-__all__ = ["float_leftovers", "qualified", "weight_users"]
-
-
-def qualified(prefix: str, name: str) -> str:
-    """``prefix.name``, or ``name`` at the root."""
-    return f"{prefix}.{name}" if prefix else name
+__all__ = ["float_leftovers", "weight_users"]
 
 
 def weight_users(module: nn.Module) -> dict[int, list[str]]:

@@ -26,7 +26,7 @@ from lightning_ste.inspect import quantized_layers, weight_quantizer
 from lightning_ste.quantizers.transposed import TransposedWeightQuantizer
 from lightning_ste.quantizers.weight import WeightQuantizer
 from lightning_ste.surgery.lazy import execution_order, lazy_modules, materialize_lazy_
-from lightning_ste.surgery.plan import ConversionPlan, select_names
+from lightning_ste.surgery.plan import ConversionPlan, Undo, select_names
 from lightning_ste.surgery.weight_leftovers import float_leftovers, weight_users
 
 __all__ = [
@@ -43,7 +43,6 @@ __all__ = [
 
 RECIPE_KIND = "weights"
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-Undo = Callable[[Callable[[], None]], None]
 
 
 class WeightPlan(ConversionPlan):
@@ -283,7 +282,9 @@ def _parametrize_sites(
     quantizers: dict[int, WeightQuantizer] = {}
     for layer in layers:
         weight = parameter_slots(layer)["weight"]
-        quantizer = quantizers.setdefault(id(weight), _make_quantizer(config, layer))
+        if id(weight) not in quantizers:
+            quantizers[id(weight)] = _make_quantizer(config, layer)
+        quantizer = quantizers[id(weight)]
         order = list(parameter_slots(layer))
         parametrize.register_parametrization(layer, "weight", quantizer)
         undo(partial(_unparametrize, layer, order))
